@@ -1,0 +1,195 @@
+"""The command line: parse flags, run one mode, print its result, turn errors into exit codes.
+
+Exit codes: 0 success, 1 a runtime problem (bad dataset, model or image), 2 a usage
+error (bad flag), 130 interrupted. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import SimpleCNNError, UsageError
+
+DEFAULT_DATASET = Path("datasets/digits")
+DEFAULTS = {  # kept here, not imported from train.py, so that --help needs no NumPy or Pillow
+    "model_file_path": "models/cnn_model.keras",
+    "images_dir": "images",
+    "batch_size": 32,
+    "epochs": 30,
+    "val_split": 0.15,
+    "test_split": 0.15,
+    "seed": 42,
+    "top_k": 3,
+}
+
+EXAMPLES = """\
+examples:
+  train on the built-in digits dataset (written to datasets/digits/ on first use):
+    simple-cnn --mode train
+  train on your own folder of class folders:
+    simple-cnn --mode train --dataset_path datasets/flower_photos --epochs 20
+  evaluate on the test split (images the model never saw), write plots and metrics.json:
+    simple-cnn --mode test --dataset_path datasets/flower_photos
+  classify one image:
+    simple-cnn --mode classify --single_image_path datasets/flower_photos/roses/x.jpg
+
+exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # "(default: X)" where there is a default to show
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in action.help:
+            return f"{action.help} (default: {action.default})"
+        return action.help
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="simple-cnn",
+        description="Train a CNN on a folder of class folders, test it on images it never saw, classify new images.",
+        epilog=EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    d = DEFAULTS
+    p.add_argument("--mode", required=True, choices=["train", "test", "classify"], help="what to do")
+    p.add_argument(
+        "--dataset_path",
+        help=f"dataset folder with one sub-folder per class (default: train uses the built-in digits in "
+        f"{DEFAULT_DATASET}/; test uses the model's training dataset)",
+    )
+    p.add_argument("--model_file_path", default=d["model_file_path"], help="model file to write (train) or read; .keras or .h5")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per training step")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="most epochs to train; early stopping may end sooner")
+    p.add_argument("--single_image_path", help="image to classify (required by classify mode)")
+    p.add_argument("--images_dir", default=d["images_dir"], help="folder for plots and metrics.json")
+    p.add_argument(
+        "--image_size", type=int, help="training image side in pixels (default: the median short side of the images, in 32-128)"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed for weights, shuffling and augmentation")
+    p.add_argument("--val_split", type=float, default=d["val_split"], help="fraction of images for validation")
+    p.add_argument("--test_split", type=float, default=d["test_split"], help="fraction of images held out for --mode test")
+    p.add_argument("--top_k", type=int, default=d["top_k"], help="how many classes classify lists")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--verbose", action="store_true", help="show TensorFlow's log messages")
+    return p
+
+
+def _check(args, parser) -> None:
+    """Flag checks argparse cannot express; all are usage errors (exit 2) before any work."""
+    from .model import check_model_path
+
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, not {args.batch_size}")
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, not {args.epochs}")
+    if args.top_k < 1:
+        parser.error(f"--top_k must be at least 1, not {args.top_k}")
+    if args.image_size is not None and not 16 <= args.image_size <= 1024:
+        parser.error(f"--image_size must be between 16 and 1024 pixels, not {args.image_size}")
+    for flag in ("val_split", "test_split"):
+        value = getattr(args, flag)
+        if not 0 < value < 1:
+            parser.error(f"--{flag} must be a fraction between 0 and 1 (exclusive), not {value}")
+    if args.val_split + args.test_split >= 1:
+        parser.error(
+            f"--val_split + --test_split must be below 1 to leave images to train on, not {args.val_split + args.test_split:g}"
+        )
+    if args.mode == "classify" and not args.single_image_path:
+        parser.error("--mode classify needs --single_image_path IMAGE")
+    try:
+        check_model_path(args.model_file_path)
+    except UsageError as e:
+        parser.error(str(e))
+
+
+def _run(args) -> dict:
+    if args.mode == "train":
+        from .data import ensure_digits_dataset
+        from .train import TrainConfig, train
+
+        dataset = Path(args.dataset_path) if args.dataset_path else ensure_digits_dataset(DEFAULT_DATASET)
+        config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            val_split=args.val_split,
+            test_split=args.test_split,
+            seed=args.seed,
+        )
+        return train(dataset, args.model_file_path, args.images_dir, config)
+    if args.mode == "test":
+        from .data import ensure_digits_dataset
+        from .evaluate import evaluate
+        from .model import read_metadata
+
+        if args.dataset_path:
+            dataset = Path(args.dataset_path)
+        else:
+            trained_on = Path(read_metadata(args.model_file_path)["dataset_path"])
+            dataset = trained_on if trained_on.is_dir() else ensure_digits_dataset(DEFAULT_DATASET)
+        return evaluate(dataset, args.model_file_path, args.images_dir, args.batch_size)
+    from .classify import classify
+
+    return classify(args.single_image_path, args.model_file_path, args.top_k)
+
+
+def _print_human(result: dict) -> None:
+    mode = result["mode"]
+    if mode == "train":
+        print(
+            f"Best epoch {result['best_epoch']} of {result['epochs_run']}: validation accuracy "
+            f"{result['best_val_accuracy']:.3f}, loss {result['best_val_loss']:.3f}"
+        )
+        print(
+            f"Images used: train {result['images_used']['train']}, validation {result['images_used']['val']}; "
+            f"test {result['images']['test']} held out for --mode test; {len(result['skipped'])} files skipped"
+        )
+        print(f"Model saved to {result['model_file_path']}")
+        print(f"Wrote {', '.join(result['images_written'])}")
+        print(f"Done in {result['wall_seconds']:.1f} s (training {result['train_seconds']:.1f} s)")
+    elif mode == "test":
+        skipped = len(result["skipped"])
+        print(f"Test split of {result['dataset_path']}: {result['test_images']} images, {skipped} files skipped")
+        print(f"Accuracy {result['accuracy']:.3f} (chance {result['chance_accuracy']:.3f}), loss {result['loss']:.3f}")
+        print(result["report"].rstrip())
+        print(f"Wrote {', '.join(result['images_written'])}")
+    else:
+        print(f"{result['image']}: {result['class']} (probability {result['probability']:.3f})")
+        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top_k"])
+        print(f"Top {len(result['top_k'])}: {top}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(args, parser)
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see quiet.py
+    try:
+        result = _run(args)
+    except SimpleCNNError as e:
+        print(f"simple-cnn: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # disk full, permissions, ... on a path the message names
+        where = f" {e.filename}" if e.filename else ""
+        print(f"simple-cnn: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("simple-cnn: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        result.pop("report", None)
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        _print_human(result)
+    return 0

@@ -1,0 +1,308 @@
+"""Finding, checking, splitting and streaming the images of a dataset.
+
+A dataset is a folder whose sub-folders are the classes, sorted by name::
+
+    flower_photos/
+        daisy/      100080576_f52e8ee070_n.jpg ...
+        dandelion/  ...
+
+Images are found and checked (:func:`scan_dataset`), assigned to a split that never
+moves (:func:`split_of`), decoded once into a uint8 cache at the training size
+(:func:`load_images`) and streamed to Keras by tf.data (:func:`make_tf_dataset`).
+Nothing here imports TensorFlow at module level, so classify and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
+# Images are refused above this many pixels before anything is decoded (a 40-megapixel
+# photo is fine; a "decompression bomb" declaring 50,000 x 50,000 pixels is not).
+MAX_PIXELS = 100_000_000
+SPLIT_SALT = b"simple_cnn split v1"
+SPLITS = ("train", "val", "test")
+# The automatic training size: the median short side of the images, within these bounds.
+AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 128
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check, at our limit
+
+
+def shown(name: str) -> str:
+    """A file name safe to print, even when it is not valid UTF-8."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def split_of(relpath: str, val_split: float, test_split: float) -> str:
+    """The split ("train", "val" or "test") of an image, from its path in the dataset.
+
+    A salted SHA-256 of the path gives a number in [0, 1) that depends on nothing
+    else, so an image keeps its split on every run, in every mode, and when other
+    images are added or removed.
+    """
+    digest = hashlib.sha256(SPLIT_SALT + b"\0" + os.fsencode(relpath)).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_split:
+        return "test"
+    if u < test_split + val_split:
+        return "val"
+    return "train"
+
+
+@dataclass
+class ImageRecord:
+    relpath: str  # e.g. "daisy/123.jpg", always with "/" separators
+    label: int
+    split: str
+    size: tuple[int, int]  # (width, height) from the header
+
+
+@dataclass
+class Dataset:
+    root: Path
+    class_names: list[str]
+    images: list[ImageRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+
+    def split(self, name: str) -> list[ImageRecord]:
+        return [r for r in self.images if r.split == name]
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(r.split for r in self.images)
+        return {s: c.get(s, 0) for s in SPLITS}
+
+    def skipped_summary(self, limit: int = 3) -> str:
+        """e.g. '2 files skipped (cats/a.jpg: truncated image; ...)', or ''."""
+        if not self.skipped:
+            return ""
+        some = "; ".join(f"{shown(p)}: {why}" for p, why in self.skipped[:limit])
+        more = ", ..." if len(self.skipped) > limit else ""
+        n = len(self.skipped)
+        return f"{n} unreadable file{'s' if n != 1 else ''} skipped ({some}{more})"
+
+
+def _check_header(path: Path) -> tuple[int, int]:
+    """Open an image's header only; return its size or raise ValueError with the reason."""
+    try:
+        with Image.open(path) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise ValueError(f"unsupported format {im.format}")
+            w, h = im.size
+    except Image.DecompressionBombError:
+        raise ValueError(f"more than {MAX_PIXELS:,} pixels") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow raises all three for bad files
+        raise ValueError(_reason(e)) from None
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{w}x{h} is more than {MAX_PIXELS:,} pixels")
+    if w < 1 or h < 1:
+        raise ValueError("empty image")
+    return w, h
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, FileNotFoundError):
+        return "file not found (broken link?)"
+    text = str(e).split("\n")[0] or type(e).__name__
+    return "not an image" if text.startswith("cannot identify image file") else text
+
+
+def scan_dataset(root: Path, val_split: float = 0.15, test_split: float = 0.15) -> Dataset:
+    """Find the classes and images under ``root`` and check each image's header.
+
+    Hidden files and folders and files without an image suffix are ignored; images
+    in nested sub-folders of a class belong to that class. Files that cannot be
+    read are recorded in ``Dataset.skipped``, never raised.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist: give --dataset_path a folder with one sub-folder per class")
+    if not root.is_dir():
+        raise DataError(
+            f"dataset path {root} is a file, not a folder: give --dataset_path a folder with one sub-folder per class"
+        )
+    try:
+        class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except PermissionError:
+        raise DataError(f"cannot read the dataset folder {root}: permission denied") from None
+    if len(class_names) < 2:
+        found = f"only {shown(class_names[0])!r}" if class_names else "none"
+        raise DataError(f"dataset folder {root} needs at least two class sub-folders (found {found})")
+
+    candidates: list[tuple[str, int]] = []
+    for label, name in enumerate(class_names):
+        for folder, dirs, files in os.walk(root / name):  # does not follow folder links: no loops
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = Path(folder).relative_to(root).as_posix()
+            candidates += [
+                (f"{rel}/{f}", label) for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+            ]
+
+    def check(item):
+        try:
+            return _check_header(root / item[0])
+        except ValueError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        results = list(pool.map(check, candidates))
+
+    dataset = Dataset(root=root, class_names=class_names, images=[])
+    for (relpath, label), result in zip(candidates, results):
+        if isinstance(result, str):
+            dataset.skipped.append((relpath, result))
+        else:
+            split = split_of(relpath, val_split, test_split)
+            dataset.images.append(ImageRecord(relpath, label, split, result))
+    per_class = Counter(r.label for r in dataset.images)
+    empty = [shown(n) for i, n in enumerate(class_names) if per_class[i] == 0]
+    if empty:
+        raise DataError(
+            f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in {root} "
+            "hold no readable images (.jpg, .png, .bmp, .gif, .webp): add images or remove the folder"
+        )
+    return dataset
+
+
+def auto_image_size(dataset: Dataset) -> int:
+    """The median short side of the images, within [32, 128], a multiple of 8."""
+    short = int(np.median([min(r.size) for r in dataset.images]))
+    return int(np.clip(short // 8 * 8, AUTO_SIZE_MIN, AUTO_SIZE_MAX))
+
+
+def read_image(path: Path, image_size: int) -> np.ndarray:
+    """Decode one image file to a ``(image_size, image_size, 3)`` uint8 RGB array.
+
+    The one decoder used for training, testing and classifying, so that all three see
+    the same pixels. Pillow rather than ``tf.io.decode_image``: it names the file that
+    fails before training starts, honours EXIF orientation, reads CMYK and 16-bit
+    images, composites transparency on white, and needs no TensorFlow import.
+    Raises ValueError with a short reason for anything it cannot read.
+    """
+    _check_header(path)
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale
+            im = ImageOps.exif_transpose(im)  # also loads the pixels: truncation fails here
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit (or 32-bit) grey: keep the top 8 bits; convert("L") would clip.
+                bits = 16 if im.mode.startswith("I;16") else 32
+                im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> (bits - 8)).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(_reason(e)) from None
+
+
+def load_images(dataset: Dataset, records: list[ImageRecord], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``records`` in parallel into ``(x uint8 [N, S, S, 3], y int32 [N])``.
+
+    This array is the training cache: uint8 at the training size, 1/4 of the memory
+    of float32 and decoded once. Files that fail to decode are added to
+    ``dataset.skipped`` and left out.
+    """
+    x = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
+    y = np.empty((len(records),), dtype=np.int32)
+
+    def decode(i):
+        try:
+            x[i] = read_image(dataset.root / records[i].relpath, image_size)
+            return None
+        except ValueError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # Pillow decodes without the GIL
+        errors = list(pool.map(decode, range(len(records))))
+    keep = []
+    for i, (record, error) in enumerate(zip(records, errors)):
+        if error is None:
+            y[i] = record.label
+            keep.append(i)
+        else:
+            dataset.skipped.append((record.relpath, error))
+    if len(keep) < len(records):
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0):
+    """Stream ``(x, y)`` to Keras in float32 batches with tf.data.
+
+    The pipeline shuffles and batches *indices* and gathers each batch from the uint8
+    array, so there is never a second (tensor) copy of the whole dataset, nor a float32
+    one; prefetch overlaps the gather with training.
+    """
+    from .quiet import import_tensorflow
+
+    tf = import_tensorflow()
+    ds = tf.data.Dataset.range(len(x))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+
+    def gather(idx):
+        xb, yb = tf.numpy_function(lambda i: (x[i], y[i]), [idx], (tf.uint8, tf.int32), stateful=False)
+        xb.set_shape((None, *x.shape[1:]))
+        yb.set_shape((None,))
+        return tf.cast(xb, tf.float32), yb
+
+    return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def load_data(path, image_size: int | None = None, val_split: float = 0.15, test_split: float = 0.15):
+    """Load a folder-of-class-folders dataset like ``keras.datasets.mnist.load_data()``.
+
+    Returns ``(x_train, y_train), (x_test, y_test)``: uint8 image arrays of shape
+    ``(N, image_size, image_size, 3)`` and uint8 label arrays of shape ``(N,)``. The
+    training part holds the train and validation splits; the test part is the same
+    test split that ``--mode test`` uses. ``image_size`` defaults to the automatic size.
+    """
+    dataset = scan_dataset(Path(path), val_split, test_split)
+    size = image_size or auto_image_size(dataset)
+    train = [r for r in dataset.images if r.split != "test"]
+    x_train, y_train = load_images(dataset, train, size)
+    x_test, y_test = load_images(dataset, dataset.split("test"), size)
+    label_dtype = np.uint8 if len(dataset.class_names) <= 256 else np.int32
+    return (x_train, y_train.astype(label_dtype)), (x_test, y_test.astype(label_dtype))
+
+
+def ensure_digits_dataset(root: Path) -> Path:
+    """Write scikit-learn's 1,797 handwritten digits as PNG class folders, once.
+
+    The 8x8 originals (grey levels 0-16) are scaled to 32x32 pixels. The folder is
+    written beside ``root`` and renamed into place, so it is complete or absent.
+    """
+    root = Path(root)
+    if root.is_dir():
+        return root
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+    digits = load_digits()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        folder = tmp / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8))  # 2-D uint8: mode "L"
+        grey.resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"digit_{i:04d}.png")
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another run wrote it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,64 @@
+"""The pictures simple_cnn writes under ``images/``: all PNG, all written atomically."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: works in Docker and over SSH
+import matplotlib.pyplot as plt  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+from .files import atomic_output  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: dict, path: Path) -> Path:
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = range(1, len(history["loss"]) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, history[metric], "o-", label=f"training {metric}")
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[1].set_ylim(0, 1.02)
+    fig.suptitle("Training curves")
+    return _save(fig, path)
+
+
+def image_grid(images, titles: list[str], path: Path, title: str) -> Path:
+    """Up to 9 uint8 images in a 3x3 grid, each with its title."""
+    n = min(9, len(images))
+    cols = min(3, n)
+    rows = max(1, math.ceil(n / 3))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, text in zip(axes.flat, images[:n], titles[:n]):
+        ax.imshow(image)
+        ax.set_title(text, fontsize=10)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def confusion_matrix(matrix, class_names: list[str], path: Path) -> Path:
+    """scikit-learn's ConfusionMatrixDisplay, true classes down, predictions across."""
+    size = max(5.0, 0.6 * len(class_names) + 3)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
+        ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False, values_format="d"
+    )
+    ax.set_title("Confusion matrix (test split)")
+    return _save(fig, path)

@@ -1,0 +1,40 @@
+"""Importing TensorFlow and Keras without TensorFlow's start-up noise.
+
+TensorFlow's C++ core prints lines such as "oneDNN custom operations are on" straight
+to file descriptor 2 before its logging is set up, so ``TF_CPP_MIN_LOG_LEVEL`` alone
+does not hide them. When that variable is "3" (the CLI sets it unless ``--verbose``),
+the first import runs with fd 2 pointed at /dev/null. Every TensorFlow or Keras
+import in simple_cnn goes through :func:`import_keras` or :func:`import_tensorflow`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def import_tensorflow():
+    if "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            import tensorflow
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)  # e.g. the ".h5 is legacy" warning
+        tensorflow.get_logger().setLevel("ERROR")
+    import tensorflow
+
+    return tensorflow
+
+
+def import_keras():
+    import_tensorflow()
+    import keras
+
+    return keras

@@ -1,0 +1,144 @@
+"""Train mode: fit the CNN on the train split, choose the best epoch on the validation split."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, data, plots
+from .errors import DataError
+from .files import ensure_writable_dir
+from .model import build_model, check_model_path, save_model
+from .quiet import import_keras
+
+
+@dataclass
+class TrainConfig:
+    """Every training hyperparameter, in one place (the CLI flags map onto these)."""
+
+    epochs: int = 30  # an upper bound: early stopping usually ends training sooner
+    batch_size: int = 32
+    image_size: int | None = None  # None: the median short side of the images, in [32, 128]
+    learning_rate: float = 1e-3
+    patience: int = 6  # epochs without a better validation loss before stopping
+    val_split: float = 0.15
+    test_split: float = 0.15
+    seed: int = 42
+    augment: bool = True
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(dataset_path, model_path, images_dir, config: TrainConfig | None = None, log=_log) -> dict:
+    """Train a model on ``dataset_path`` and save it to ``model_path``.
+
+    Writes ``training_curves.png`` and ``examples_train_images.png`` to ``images_dir``
+    and returns a summary (split sizes, files skipped, best epoch, wall time, ...).
+    Progress goes to ``log`` and Keras' progress output to stderr.
+    """
+    started = time.monotonic()
+    config = config or TrainConfig()
+    model_path = check_model_path(model_path)
+    ensure_writable_dir(model_path.parent, "model")
+    images_dir = ensure_writable_dir(Path(images_dir), "images")
+
+    dataset = data.scan_dataset(Path(dataset_path), config.val_split, config.test_split)
+    counts = dataset.counts()
+    if counts["val"] == 0 or counts["train"] == 0:
+        raise DataError(
+            f"{dataset.root} has {len(dataset.images)} images, too few for a train and a validation "
+            "split: add images or raise --val_split"
+        )
+    image_size = config.image_size or data.auto_image_size(dataset)
+    log(
+        f"Dataset {dataset.root}: {len(dataset.class_names)} classes, {len(dataset.images)} images "
+        f"(train {counts['train']}, validation {counts['val']}, test {counts['test']}, held out)"
+    )
+    x_train, y_train = data.load_images(dataset, dataset.split("train"), image_size)
+    x_val, y_val = data.load_images(dataset, dataset.split("val"), image_size)
+    if dataset.skipped:
+        log(f"Warning: {dataset.skipped_summary()}")
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise DataError(f"no readable images left in the train or validation split of {dataset.root}")
+
+    keras = import_keras()
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(len(dataset.class_names), image_size, augment=config.augment)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, config.patience // 2)),
+    ]
+    log(
+        f"Training at {image_size}x{image_size} pixels, batch size {config.batch_size}, "
+        f"up to {config.epochs} epochs (early stopping after {config.patience} without improvement)"
+    )
+    fit_started = time.monotonic()
+    # Keras writes its progress to stdout; we keep stdout for results (and --json), so
+    # it goes to stderr: a live progress bar in a terminal, one line per epoch in logs.
+    with contextlib.redirect_stdout(sys.stderr):
+        history = model.fit(
+            data.make_tf_dataset(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed),
+            validation_data=data.make_tf_dataset(x_val, y_val, config.batch_size),
+            epochs=config.epochs,
+            shuffle=False,  # the tf.data pipeline shuffles
+            callbacks=callbacks,
+            verbose=1 if sys.stderr.isatty() else 2,
+        ).history
+    fit_seconds = time.monotonic() - fit_started
+    best = int(np.argmin(history["val_loss"]))
+
+    summary = {
+        "mode": "train",
+        "dataset_path": str(dataset.root),
+        "class_names": dataset.class_names,
+        "images": counts,
+        "images_used": {"train": int(len(x_train)), "val": int(len(x_val))},
+        "skipped": [{"file": data.shown(p), "reason": r} for p, r in dataset.skipped],
+        "image_size": image_size,
+        "epochs_run": len(history["loss"]),
+        "best_epoch": best + 1,
+        "best_val_accuracy": float(history["val_accuracy"][best]),
+        "best_val_loss": float(history["val_loss"][best]),
+        "train_seconds": round(fit_seconds, 1),
+        "config": asdict(config) | {"image_size": image_size},
+        "model_file_path": str(model_path),
+    }
+    metadata = {
+        "class_names": dataset.class_names,
+        "image_size": image_size,
+        "val_split": config.val_split,
+        "test_split": config.test_split,
+        "split_salt": data.SPLIT_SALT.decode(),
+        "dataset_path": str(dataset.root),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "simple_cnn_version": __version__,
+        "keras_version": keras.__version__,
+        "training": {k: summary[k] for k in ("epochs_run", "best_epoch", "best_val_accuracy", "config")},
+    }
+    save_model(model, model_path, metadata)
+
+    plots.training_curves(history, images_dir / "training_curves.png")
+    rng = np.random.default_rng(config.seed)
+    pick = rng.choice(len(x_train), size=min(9, len(x_train)), replace=False)
+    plots.image_grid(
+        x_train[pick],
+        [dataset.class_names[y_train[i]] for i in pick],
+        images_dir / "examples_train_images.png",
+        "Training images",
+    )
+    summary["images_written"] = [str(images_dir / "training_curves.png"), str(images_dir / "examples_train_images.png")]
+    summary["wall_seconds"] = round(time.monotonic() - started, 1)
+    return summary

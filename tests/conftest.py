@@ -1,0 +1,87 @@
+"""Shared fixtures: small synthetic datasets the tests make themselves, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+CLASSES = ("circle", "square", "triangle")
+COLOURS = {"circle": (220, 40, 40), "square": (40, 180, 40), "triangle": (40, 70, 220)}
+
+
+def shape_image(kind: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """One noisy image of a coloured shape at a random place and size: learnable in seconds."""
+    background = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+    im = Image.fromarray(background)
+    draw = ImageDraw.Draw(im)
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+    colour = tuple(int(np.clip(c + rng.integers(-30, 30), 0, 255)) for c in COLOURS[kind])
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif kind == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return im
+
+
+def make_shapes_dataset(root: Path, per_class: int = 40, seed: int = 0, size: int = 32) -> Path:
+    rng = np.random.default_rng(seed)
+    for kind in CLASSES:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape_image(kind, rng, size).save(root / kind / f"{kind}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def shapes(tmp_path) -> Path:
+    return make_shapes_dataset(tmp_path / "shapes", per_class=12)
+
+
+def run_cli(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m simple_cnn ARGS`` as a user would, in ``cwd``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "simple_cnn", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    """A failed run: the expected exit code, one line on stderr naming what is wrong, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("simple-cnn: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One real training run through the CLI, shared by the end-to-end tests.
+
+    Returns the working folder (with datasets/, models/, images/) and the train summary.
+    """
+    work = tmp_path_factory.mktemp("e2e")
+    make_shapes_dataset(work / "datasets" / "shapes", per_class=60)
+    result = run_cli(
+        "--mode", "train", "--dataset_path", "datasets/shapes", "--epochs", "10", "--batch_size", "16", "--json", cwd=work
+    )
+    assert result.returncode == 0, result.stderr
+    return work, json.loads(result.stdout)

@@ -1,0 +1,149 @@
+"""End to end, as a user runs it: ``python -m simple_cnn`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES, assert_one_line_error, make_shapes_dataset, run_cli, shape_image
+
+
+def test_help_lists_every_flag_with_examples(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for flag in (
+        "--mode",
+        "--dataset_path",
+        "--model_file_path",
+        "--batch_size",
+        "--epochs",
+        "--single_image_path",
+        "--images_dir",
+        "--image_size",
+        "--seed",
+        "--val_split",
+        "--test_split",
+        "--top_k",
+        "--json",
+        "--verbose",
+    ):
+        assert flag in result.stdout
+    assert "(default: 32)" in result.stdout and "models/cnn_model.keras" in result.stdout
+    for mode in ("--mode train", "--mode test", "--mode classify"):
+        assert mode in result.stdout.split("examples:")[1]
+
+
+def test_train_learns_and_writes_model_and_pictures(trained):
+    work, summary = trained
+    assert summary["images"]["train"] + summary["images"]["val"] + summary["images"]["test"] == 180
+    assert summary["best_val_accuracy"] > 0.8, summary  # chance is 1/3
+    assert (work / "models" / "cnn_model.keras").is_file()
+    with Image.open(work / "images" / "training_curves.png") as im:
+        assert im.format == "PNG" and im.width > 600 and im.height > 250
+    with Image.open(work / "images" / "examples_train_images.png") as im:
+        assert im.width > 400 and im.height > 400
+
+
+def test_test_mode_reports_accuracy_well_above_chance(trained):
+    work, train_summary = trained
+    result = run_cli("--mode", "test", "--dataset_path", "datasets/shapes", "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["test_images"] == train_summary["images"]["test"] > 0
+    assert metrics["accuracy"] > 0.8, metrics["confusion_matrix"]
+    assert metrics["class_names"] == list(CLASSES)
+    assert set(metrics["per_class"]) >= set(CLASSES) | {"macro avg"}
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["test_images"]
+    on_disk = json.loads((work / "images" / "metrics.json").read_text())
+    assert on_disk["accuracy"] == metrics["accuracy"] and on_disk["loss"] == metrics["loss"]
+    with Image.open(work / "images" / "confusion_matrix.png") as im:
+        assert im.format == "PNG" and min(im.size) > 300
+    with Image.open(work / "images" / "examples_test_images.png") as im:
+        assert min(im.size) > 400
+
+
+def test_test_mode_human_output_and_default_dataset(trained):
+    work, _ = trained
+    result = run_cli("--mode", "test", cwd=work)  # no --dataset_path: the model's own dataset
+    assert result.returncode == 0, result.stderr
+    assert "Accuracy" in result.stdout and "precision" in result.stdout
+    assert "datasets/shapes" in result.stdout
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_classify_names_the_right_class(trained, kind):
+    work, _ = trained
+    image = work / f"new_{kind}.png"
+    shape_image(kind, np.random.default_rng(1234)).save(image)
+    result = run_cli("--mode", "classify", "--single_image_path", image.name, "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["class"] == kind, answer
+    assert len(answer["top_k"]) == 3
+    probs = [t["probability"] for t in answer["top_k"]]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-3
+
+
+def test_classify_human_output(trained):
+    work, _ = trained
+    image = work / "plain.jpg"
+    shape_image("square", np.random.default_rng(5), size=64).save(image)
+    result = run_cli("--mode", "classify", "--single_image_path", "plain.jpg", "--top_k", "2", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("plain.jpg: square (probability")
+    assert "Top 2:" in result.stdout
+
+
+def test_h5_model_file_works_end_to_end(tmp_path):
+    make_shapes_dataset(tmp_path / "ds", per_class=15)
+    model = "models/shapes.h5"
+    train = run_cli("--mode", "train", "--dataset_path", "ds", "--model_file_path", model, "--epochs", "1", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "Model saved to models/shapes.h5" in train.stdout
+    image = tmp_path / "ds" / "circle" / "circle_000.png"
+    result = run_cli("--mode", "classify", "--model_file_path", model, "--single_image_path", image, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["class"] in CLASSES
+
+
+USAGE_ERRORS = [
+    (["--mode", "train", "--model_file_path", "models/m.pt"], "--model_file_path"),
+    (["--mode", "train", "--epochs", "0"], "--epochs"),
+    (["--mode", "train", "--epochs", "-3"], "--epochs"),
+    (["--mode", "train", "--batch_size", "0"], "--batch_size"),
+    (["--mode", "train", "--val_split", "1.5"], "--val_split"),
+    (["--mode", "train", "--test_split", "0"], "--test_split"),
+    (["--mode", "train", "--val_split", "0.5", "--test_split", "0.5"], "below 1"),
+    (["--mode", "classify"], "--single_image_path"),
+    (["--mode", "predict"], "--mode"),
+    (["--epochs", "3"], "--mode"),
+]
+
+
+@pytest.mark.parametrize("args, word", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_exit_2_with_one_line(tmp_path, args, word):
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), 2, word)
+
+
+def test_runtime_errors_exit_1_with_one_line(tmp_path, trained):
+    work, _ = trained
+    assert_one_line_error(run_cli("--mode", "train", "--dataset_path", "nowhere", cwd=tmp_path), 1, "nowhere", "does not exist")
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    shape_image("circle", np.random.default_rng(0)).save(tmp_path / "one" / "only" / "a.png")
+    assert_one_line_error(run_cli("--mode", "train", "--dataset_path", "one", cwd=tmp_path), 1, "two class")
+    # No model yet: test and classify say how to train one.
+    for mode_args in (["--mode", "test"], ["--mode", "classify", "--single_image_path", "x.jpg"]):
+        assert_one_line_error(run_cli(*mode_args, cwd=tmp_path), 1, "models/cnn_model.keras", "--mode train")
+    # Classify: missing image, a text file, a corrupt image.
+    assert_one_line_error(run_cli("--mode", "classify", "--single_image_path", "missing.jpg", cwd=work), 1, "missing.jpg")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    bad = run_cli("--mode", "classify", "--single_image_path", tmp_path / "notes.jpg", cwd=work)
+    assert_one_line_error(bad, 1, "notes.jpg", "not an image")
+    # Test mode on a dataset with other classes than the model's.
+    other = make_shapes_dataset(tmp_path / "other", per_class=3)
+    shutil.move(other / "square", other / "box")
+    assert_one_line_error(run_cli("--mode", "test", "--dataset_path", other, cwd=work), 1, "differ")

@@ -1,0 +1,183 @@
+"""Finding, checking, splitting and decoding images (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_shapes_dataset, shape_image
+from simple_cnn import data
+from simple_cnn.errors import DataError
+
+
+def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
+    root = make_shapes_dataset(tmp_path / "ds", per_class=3)
+    (root / ".hidden_class").mkdir()
+    shape_image("circle", np.random.default_rng(1)).save(root / ".hidden_class" / "x.png")
+    shape_image("circle", np.random.default_rng(1)).save(root / "circle" / ".hidden.png")
+    (root / "circle" / "notes.txt").write_text("not an image")
+    (root / "circle" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (root / "README.md").write_text("files beside the class folders are ignored")
+    nested = root / "square" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    shape_image("square", np.random.default_rng(2)).save(nested / "n.PNG")
+
+    ds = data.scan_dataset(root)
+
+    assert ds.class_names == ["circle", "square", "triangle"]
+    assert ds.skipped == []
+    names = sorted(r.relpath for r in ds.images)
+    assert len(names) == 10
+    assert "square/more/deeper/n.PNG" in names
+    assert all(ds.class_names[r.label] == r.relpath.split("/")[0] for r in ds.images)
+
+
+def test_every_supported_format_and_mode_decodes_to_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    base = shape_image("circle", rng, size=40)
+    root = tmp_path / "ds"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    base.save(root / "a" / "rgb.jpg")
+    base.convert("L").save(root / "a" / "grey.jpg")
+    base.convert("CMYK").save(root / "a" / "cmyk.jpg")
+    base.convert("RGBA").save(root / "a" / "alpha.png")
+    base.convert("P").save(root / "a" / "palette.gif")
+    base.save(root / "a" / "bitmap.bmp")
+    Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).save(root / "b" / "sixteen.png")
+    base.save(root / "b" / "photo.webp")
+
+    ds = data.scan_dataset(root)
+    assert ds.skipped == []
+    x, y = data.load_images(ds, ds.images, 24)
+    assert x.shape == (8, 24, 24, 3) and x.dtype == np.uint8
+    assert ds.skipped == []
+    # 16-bit grey keeps its range (top 8 bits), instead of clipping to white.
+    sixteen = x[[r.relpath for r in ds.images].index("b/sixteen.png")]
+    assert sixteen.min() < 50 and sixteen.max() > 200
+
+
+def test_animated_gif_reads_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    pixels = data.read_image(path, 8)
+    assert pixels.shape == (8, 8, 3)
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50  # red, the first frame
+
+
+def _jpeg_bytes(rng) -> bytes:
+    buf = io.BytesIO()
+    shape_image("square", rng, size=64).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_corrupt_files_are_skipped_and_counted_not_fatal(tmp_path):
+    root = make_shapes_dataset(tmp_path / "ds", per_class=5)
+    rng = np.random.default_rng(3)
+    (root / "circle" / "empty.jpg").write_bytes(b"")
+    (root / "circle" / "text.jpg").write_text("this is not a JPEG")
+    (root / "square" / "truncated.jpg").write_bytes(_jpeg_bytes(rng)[:300])
+    good_png = io.BytesIO()
+    shape_image("triangle", rng).save(good_png, "PNG")
+    (root / "triangle" / "truncated.png").write_bytes(good_png.getvalue()[:-40])
+
+    ds = data.scan_dataset(root, val_split=0.01, test_split=0.01)
+    x, y = data.load_images(ds, ds.images, 16)
+
+    skipped = dict(ds.skipped)
+    assert set(skipped) == {"circle/empty.jpg", "circle/text.jpg", "square/truncated.jpg", "triangle/truncated.png"}
+    assert len(x) == len(y) == 15
+    assert "4 unreadable files skipped" in ds.skipped_summary()
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    # A valid PNG header that declares 20000 x 20000 pixels; the pixel data is tiny.
+    Image.new("1", (20000, 20000)).save(path, optimize=True)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ValueError, match="pixels"):
+        data.read_image(path, 32)
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "does not exist"),
+        ("file", "is a file"),
+        ("one_class", "at least two class"),
+        ("empty_class", "no readable images"),
+    ],
+)
+def test_unusable_dataset_folders_are_clear_errors(tmp_path, layout, message):
+    root = tmp_path / "ds"
+    if layout == "file":
+        root.write_text("x")
+    elif layout == "one_class":
+        make_shapes_dataset(root, per_class=2)
+        for cls in ("square", "triangle"):
+            for f in (root / cls).iterdir():
+                f.unlink()
+            (root / cls).rmdir()
+    elif layout == "empty_class":
+        make_shapes_dataset(root, per_class=2)
+        (root / "empty").mkdir()
+    with pytest.raises(DataError, match=message):
+        data.scan_dataset(root)
+
+
+def test_split_is_stable_when_images_are_added(tmp_path):
+    root = make_shapes_dataset(tmp_path / "ds", per_class=30)
+    before = {r.relpath: r.split for r in data.scan_dataset(root).images}
+    rng = np.random.default_rng(9)
+    for i in range(25):
+        shape_image("circle", rng).save(root / "circle" / f"added_{i}.png")
+    after = {r.relpath: r.split for r in data.scan_dataset(root).images}
+    assert len(after) == len(before) + 25
+    assert all(after[p] == s for p, s in before.items())
+
+
+def test_split_fractions_are_roughly_as_asked_and_deterministic():
+    paths = [f"c{i % 3}/img_{i}.jpg" for i in range(6000)]
+    splits = [data.split_of(p, 0.15, 0.15) for p in paths]
+    share = {s: splits.count(s) / len(splits) for s in data.SPLITS}
+    assert abs(share["train"] - 0.70) < 0.03 and abs(share["test"] - 0.15) < 0.02
+    assert splits == [data.split_of(p, 0.15, 0.15) for p in paths]
+    # A non-UTF-8 name still has a split.
+    assert data.split_of("c0/caf\udce9.jpg", 0.15, 0.15) in data.SPLITS
+
+
+def test_load_data_returns_arrays_like_keras_datasets(tmp_path):
+    root = make_shapes_dataset(tmp_path / "ds", per_class=20)
+    (x_train, y_train), (x_test, y_test) = data.load_data(root, image_size=24)
+    assert x_train.dtype == np.uint8 and y_train.dtype == np.uint8
+    assert x_train.shape[1:] == (24, 24, 3) and x_train.shape[0] == y_train.shape[0]
+    assert x_test.shape[0] == y_test.shape[0] > 0
+    assert x_train.shape[0] + x_test.shape[0] == 60
+    assert set(np.unique(y_train)) == {0, 1, 2}
+    # The test part is exactly the split that --mode test uses.
+    ds = data.scan_dataset(root)
+    assert x_test.shape[0] == len(ds.split("test"))
+
+
+def test_auto_image_size_is_the_median_short_side_within_bounds(tmp_path):
+    root = make_shapes_dataset(tmp_path / "small", per_class=3, size=40)
+    assert data.auto_image_size(data.scan_dataset(root)) == 40
+    big = make_shapes_dataset(tmp_path / "big", per_class=3, size=300)
+    assert data.auto_image_size(data.scan_dataset(big)) == data.AUTO_SIZE_MAX
+
+
+def test_digits_dataset_is_written_once_as_png_class_folders(tmp_path):
+    root = data.ensure_digits_dataset(tmp_path / "datasets" / "digits")
+    ds = data.scan_dataset(root)
+    assert ds.class_names == [str(d) for d in range(10)]
+    assert len(ds.images) == 1797 and ds.skipped == []
+    with Image.open(root / "3" / next(p.name for p in (root / "3").iterdir())) as im:
+        assert im.size == (32, 32)
+    stamp = (root / "0").stat().st_mtime_ns
+    data.ensure_digits_dataset(root)
+    assert (root / "0").stat().st_mtime_ns == stamp
+    assert not list(root.parent.glob(".digits.partial-*"))

@@ -1,0 +1,106 @@
+"""The model file: metadata round trip, atomic saving, clear errors for bad files."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from simple_cnn import model as model_lib
+from simple_cnn.errors import DataError, UsageError
+from simple_cnn.files import atomic_output
+
+METADATA = {"class_names": ["cat", "dog", "snake"], "image_size": 32, "val_split": 0.15, "test_split": 0.15}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return model_lib.build_model(3, 32)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_model_file_round_trip_keeps_metadata_and_predictions(tmp_path, small_model, suffix):
+    path = tmp_path / f"m{suffix}"
+    model_lib.save_model(small_model, path, METADATA)
+    assert model_lib.read_metadata(path) == METADATA
+    loaded, metadata = model_lib.load_model(path)
+    assert metadata == METADATA
+    x = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3)).astype(np.float32)
+    expected = np.asarray(small_model(x, training=False))
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), expected, atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_a_failed_save_leaves_the_previous_model_intact(tmp_path, small_model, monkeypatch):
+    path = tmp_path / "m.keras"
+    model_lib.save_model(small_model, path, METADATA)
+    before = path.read_bytes()
+
+    def broken_save(self, filepath, *a, **k):  # writes half a file, then dies
+        with open(filepath, "wb") as f:
+            f.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(small_model), "save", broken_save)
+    with pytest.raises(OSError):
+        model_lib.save_model(small_model, path, {**METADATA, "class_names": ["x", "y", "z"]})
+    assert path.read_bytes() == before
+    assert model_lib.read_metadata(path) == METADATA
+    assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    with atomic_output(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert target.stat().st_mode & 0o044, "outputs are readable like any file the user writes"
+
+
+def test_bad_model_files_are_clear_errors(tmp_path, small_model):
+    with pytest.raises(UsageError, match=r"\.keras"):
+        model_lib.check_model_path(tmp_path / "model.pt")
+    with pytest.raises(DataError, match="train one first"):
+        model_lib.read_metadata(tmp_path / "missing.keras")
+
+    good = tmp_path / "good.keras"
+    model_lib.save_model(small_model, good, METADATA)
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        model_lib.read_metadata(truncated)
+
+    not_a_model = tmp_path / "text.h5"
+    not_a_model.write_text("hello")
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        model_lib.read_metadata(not_a_model)
+
+    foreign = tmp_path / "foreign.keras"  # a Keras file not written by simple_cnn
+    small_model.save(foreign)
+    with pytest.raises(DataError, match="not saved by simple_cnn"):
+        model_lib.read_metadata(foreign)
+
+    broken_weights = tmp_path / "broken.keras"  # metadata fine, weights damaged
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(broken_weights, "w") as dst:
+        for item in src.infolist():
+            payload = src.read(item)
+            dst.writestr(item, payload[:100] if item.filename.endswith(".h5") else payload)
+    with pytest.raises(DataError, match="cannot load the model"):
+        model_lib.load_model(broken_weights)
+
+
+def test_model_takes_raw_pixels_and_augments_only_in_training(small_model):
+    x = np.full((2, 32, 32, 3), 255, dtype=np.float32)
+    a = np.asarray(small_model(x, training=False))
+    b = np.asarray(small_model(x, training=False))
+    np.testing.assert_allclose(a, b)
+    np.testing.assert_allclose(a.sum(axis=1), 1, atol=1e-5)
+    assert small_model.layers[1].name == "rescale"
