@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import DataError
+from .files import ensure_writable_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
@@ -292,7 +293,7 @@ def ensure_digits_dataset(root: Path) -> Path:
     from sklearn.datasets import load_digits  # ships with scikit-learn: no download
 
     digits = load_digits()
-    root.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(root.parent, "datasets")
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
     for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         folder = tmp / str(label)

@@ -29,7 +29,7 @@ def ensure_writable_dir(folder: Path, what: str) -> Path:
         raise SimpleCNNError(f"the {what} path {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise SimpleCNNError(
-            f"cannot write to the {what} folder {folder} (user id {os.getuid()}): "
+            f"cannot write to the {what} folder {folder.absolute()} (user id {os.getuid()}): "
             "make it writable, e.g. `chmod u+w` it, or in Docker pass "
             '--user "$(id -u):$(id -g)" so the container runs as its owner'
         )

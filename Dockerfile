@@ -1,0 +1,36 @@
+# simple_cnn: train, test and classify from one image; datasets, models and images are volumes.
+#   docker build -t simple_cnn .
+#   docker run --rm --user "$(id -u):$(id -g)" -v ./datasets:/app/datasets -v ./models:/app/models \
+#     -v ./images:/app/images simple_cnn --mode train
+FROM python:3.11-slim
+
+# Quiet, unbuffered logs (docker logs shows each epoch as it ends); caches that any
+# --user can write, since that user may have no home folder in the image.
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    TF_CPP_MIN_LOG_LEVEL=3 \
+    KERAS_HOME=/tmp/.keras \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    PYTHONPATH=/app/src
+
+WORKDIR /app
+
+# Dependencies first, in their own layer: a code change does not reinstall TensorFlow.
+COPY requirements.txt ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+
+# A non-root user; the three data folders are theirs (and any --user may write them
+# when mounted from the host with the right owner).
+RUN useradd --create-home --uid 1000 --user-group simplecnn \
+    && mkdir -p datasets models images \
+    && chown simplecnn:simplecnn datasets models images
+
+COPY LICENSE.txt ./
+COPY src/ src/
+
+USER 1000:1000
+VOLUME ["/app/datasets", "/app/models", "/app/images"]
+ENTRYPOINT ["python", "-m", "simple_cnn"]
+CMD ["--help"]

@@ -1,0 +1,83 @@
+"""The container, as a user runs it: the README's docker commands, verbatim.
+
+Runs wherever ``docker`` works: a real engine, or on a machine without one, a drop-in
+such as the podman shim that ``.ci/run`` puts first on PATH. Elsewhere it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "<!-- tests/test_docker.py runs these commands verbatim -->"
+
+
+def _docker_available() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker command on PATH"
+    probe = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        return f"docker does not answer: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+def readme_docker_commands() -> list[str]:
+    """The shell commands of the README block that follows MARKER."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(re.escape(MARKER) + r"\s*```sh\n(.*?)```", text, re.S)
+    assert block, "README.md has no docker block after the marker"
+    return [line for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def docker_ready():
+    reason = _docker_available()
+    if reason:
+        pytest.skip(reason)
+
+
+def sh(command: str, cwd: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_docker_commands_train_test_and_classify(docker_ready, tmp_path):
+    commands = readme_docker_commands()
+    assert commands[0] == "docker build -t simple_cnn ."
+    build = sh(commands[0], cwd=REPO)
+    assert build.returncode == 0, build.stderr[-3000:]
+
+    outputs = {}
+    for command in commands[1:]:
+        result = sh(command, cwd=tmp_path)  # the volumes ./datasets etc. land in tmp_path
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+        mode = re.search(r"--mode (\w+)", command)
+        if mode:
+            outputs[mode.group(1)] = result.stdout
+
+    assert (tmp_path / "models" / "cnn_model.keras").stat().st_size > 100_000
+    for name in ("training_curves.png", "examples_train_images.png", "confusion_matrix.png", "examples_test_images.png"):
+        with Image.open(tmp_path / "images" / name) as im:
+            assert im.format == "PNG" and min(im.size) > 250, name
+    metrics = json.loads((tmp_path / "images" / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.9 and metrics["test_images"] > 200  # the built-in digits
+    assert "Best epoch" in outputs["train"]
+    assert outputs["classify"].split(": ")[1].startswith("7 "), outputs["classify"]
+
+
+def test_unwritable_mount_gives_one_clear_line(docker_ready, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir(mode=0o755)  # owned by the host user; the image's default user (1000) cannot write
+    if models.stat().st_uid == 1000:
+        pytest.skip("the host user is uid 1000, the container's own")
+    result = sh("docker run --rm -v ./models:/app/models simple_cnn --mode train", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("simple-cnn: error: cannot write to the model folder /app/models"), result.stderr
+    assert "--user" in lines[-1] and "Traceback" not in result.stderr

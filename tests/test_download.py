@@ -1,0 +1,188 @@
+"""download_datasets.sh against a local HTTP server on 127.0.0.1 serving archives made here."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FLOWERS = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
+ANIMALS = ("cats", "dogs", "snakes")
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files`` by path; ``server.truncate`` paths get half their body."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.server.requests.append(self.path)
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if self.path in self.server.truncate else body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = _Server(("127.0.0.1", 0), _Handler)
+    srv.files, srv.truncate, srv.requests = {}, set(), []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+
+
+def _tgz(entries: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def _flowers_tgz(extra: dict[str, bytes] | None = None) -> bytes:
+    entries = {f"flower_photos/{c}/{c}_{i}.jpg": f"{c}{i}".encode() for c in FLOWERS for i in range(2)}
+    entries["flower_photos/LICENSE.txt"] = b"CC-BY"
+    return _tgz({**entries, **(extra or {})})
+
+
+def _animals_zip(tag: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for c in ANIMALS:
+            for i in range(2):
+                z.writestr(f"Animals/{c}/{c}_{i}.jpg", c.encode() + tag)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A copy of the script in an empty project folder (it works beside itself)."""
+    shutil.copy(REPO / "download_datasets.sh", tmp_path / "download_datasets.sh")
+    return tmp_path
+
+
+def run_script(project: Path, server, *args, sha: str | None = None):
+    env = {**os.environ, "SIMPLE_CNN_DATASETS_BASE_URL": f"http://127.0.0.1:{server.server_port}", "PYTHON": sys.executable}
+    env.pop("SIMPLE_CNN_FLOWERS_SHA256", None)
+    if sha:
+        env["SIMPLE_CNN_FLOWERS_SHA256"] = sha
+    return subprocess.run(
+        ["bash", str(project / "download_datasets.sh"), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _leftovers(project: Path) -> list[str]:
+    return sorted(p.name for p in (project / "datasets").iterdir() if p.name != ".checksums")
+
+
+def test_good_archive_is_verified_unpacked_and_not_downloaded_twice(project, server):
+    archive = _flowers_tgz()
+    server.files["/flower_photos.tgz"] = archive
+    result = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    assert result.returncode == 0, result.stderr
+    assert "verified" in result.stdout
+    for d in ("datasets", "models", "images"):
+        assert (project / d).is_dir()
+    target = project / "datasets" / "flower_photos"
+    assert sorted(p.name for p in target.iterdir() if p.is_dir()) == list(FLOWERS)
+    assert (target / "roses" / "roses_1.jpg").read_bytes() == b"roses1"
+    assert _leftovers(project) == ["flower_photos"]
+
+    again = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    assert again.returncode == 0 and "already present" in again.stdout
+    assert server.requests == ["/flower_photos.tgz"]
+
+
+def test_wrong_checksum_leaves_nothing(project, server):
+    server.files["/flower_photos.tgz"] = _flowers_tgz()
+    result = run_script(project, server, "flowers")  # the published checksum: cannot match
+    assert result.returncode == 1
+    assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
+    assert _leftovers(project) == []
+
+
+def test_truncated_download_is_retried_a_few_times_then_fails_cleanly(project, server):
+    archive = _flowers_tgz()
+    server.files["/flower_photos.tgz"] = archive
+    server.truncate.add("/flower_photos.tgz")
+    result = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    assert result.returncode == 1
+    assert "download from" in result.stderr
+    assert 2 <= len(server.requests) <= 4  # retried, with a limit
+    assert _leftovers(project) == []
+
+
+@pytest.mark.parametrize(
+    "extra, links",
+    [({"../evil.txt": b"x"}, None), ({"/tmp/evil_abs.txt": b"x"}, None), ({}, {"flower_photos/daisy/link": "/etc/passwd"})],
+    ids=["dotdot", "absolute", "symlink"],
+)
+def test_unsafe_archives_are_refused_before_writing_anything(project, server, extra, links):
+    entries = {f"flower_photos/{c}/a.jpg": b"x" for c in FLOWERS}
+    archive = _tgz({**entries, **extra}, links)
+    server.files["/flower_photos.tgz"] = archive
+    result = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    assert result.returncode == 1, result.stdout
+    assert "refused" in result.stderr
+    assert _leftovers(project) == []
+    assert not (project / "evil.txt").exists() and not Path("/tmp/evil_abs.txt").exists()
+
+
+def test_unpublished_checksum_is_recorded_then_enforced(project, server):
+    server.files["/animal-image-classification-dataset.zip"] = _animals_zip()
+    first = run_script(project, server, "animals")
+    assert first.returncode == 0, first.stderr
+    assert "recording SHA-256" in first.stdout
+    assert sorted(p.name for p in (project / "datasets" / "Animals").iterdir() if p.is_dir()) == list(ANIMALS)
+    manifest = (project / "datasets" / ".checksums").read_text()
+    assert hashlib.sha256(_animals_zip()).hexdigest() in manifest
+
+    shutil.rmtree(project / "datasets" / "Animals")
+    server.files["/animal-image-classification-dataset.zip"] = _animals_zip(tag=b"changed")
+    second = run_script(project, server, "animals")
+    assert second.returncode == 1 and "recorded" in second.stderr
+    assert _leftovers(project) == []
+
+
+def test_usage(project, server):
+    assert run_script(project, server, "--help").returncode == 0
+    bad = run_script(project, server, "imagenet")
+    assert bad.returncode == 2 and "imagenet" in bad.stderr
+    assert server.requests == []
+
+
+def test_digits_needs_no_network(project, server):
+    (project / "src").symlink_to(REPO / "src")
+    result = run_script(project, server, "digits")
+    assert result.returncode == 0, result.stderr
+    assert len(list((project / "datasets" / "digits").rglob("*.png"))) == 1797
+    assert server.requests == []

@@ -1,0 +1,75 @@
+"""The repository's own rules: pinned requirements in step with their .in files, linted scripts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pins(txt: Path) -> dict[str, tuple[str, list[str]]]:
+    """{package: (version, [what it is 'via'])} from a pip-compile output file."""
+    pins, current = {}, None
+    for line in txt.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", line)
+        if m:
+            current = canonicalize_name(m.group(1))
+            pins[current] = (m.group(2), [])
+        elif current and line.strip().startswith("#"):
+            via = line.strip().lstrip("#").strip()
+            via = via.removeprefix("via").strip()
+            if via:
+                pins[current][1].append(via)
+    return pins
+
+
+def _direct(infile: Path) -> list[Requirement]:
+    lines = [ln.split("#")[0].strip() for ln in infile.read_text().splitlines()]
+    return [Requirement(ln) for ln in lines if ln and not ln.startswith("-")]
+
+
+@pytest.mark.parametrize("name", ["requirements", "requirements-dev"])
+def test_compiled_requirements_match_their_in_file(name):
+    """Fails when a .in file was edited without recompiling (see README, Dependencies)."""
+    infile, txt = REPO / f"{name}.in", REPO / f"{name}.txt"
+    pins = _pins(txt)
+    direct = _direct(infile)
+    for req in direct:
+        key = canonicalize_name(req.name)
+        assert key in pins, f"{req.name} is in {infile.name} but not pinned in {txt.name}: recompile"
+        assert req.specifier.contains(pins[key][0], prereleases=True), f"{req} does not admit the pinned {pins[key][0]}"
+        assert any(f"-r {infile.name}" in v for v in pins[key][1]), f"{txt.name} does not list {req.name} as direct: recompile"
+    direct_names = {canonicalize_name(r.name) for r in direct}
+    for key, (_, via) in pins.items():
+        if any(f"-r {infile.name}" in v for v in via):
+            assert key in direct_names, f"{key} is no longer in {infile.name} but still pinned as direct: recompile"
+    assert all(re.search(r"--hash=sha256:[0-9a-f]{64}", block) for block in txt.read_text().split("==")[1:])
+
+
+def _tool(name: str) -> str | None:
+    """A tool from this environment's bin folder (requirements-dev.txt), else from PATH."""
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
+@pytest.mark.parametrize(
+    "tool, args",
+    [
+        ("shellcheck", ["download_datasets.sh", ".ci/run"]),
+        ("hadolint", ["--failure-threshold", "warning", "Dockerfile"]),
+    ],
+)
+def test_scripts_and_dockerfile_are_lint_clean(tool, args):
+    path = _tool(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (pip install -r requirements-dev.txt)")
+    result = subprocess.run([path, *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
