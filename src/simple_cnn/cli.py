@@ -1,7 +1,7 @@
 """The command line: parse flags, run one mode, print its result, turn errors into exit codes.
 
 Exit codes: 0 success, 1 a runtime problem (bad dataset, model or image), 2 a usage
-error (bad flag), 130 interrupted. Errors are one line on stderr, never a traceback.
+error (bad flag), 130 interrupted (SIGINT, Ctrl-C), 143 terminated (SIGTERM). Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ examples:
   classify one image:
     simple-cnn --mode classify --single_image_path datasets/flower_photos/roses/x.jpg
 
-exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted
+exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted (Ctrl-C), 143 terminated
 """
 
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_split", type=float, default=d["val_split"], help="fraction of images for validation")
     p.add_argument("--test_split", type=float, default=d["test_split"], help="fraction of images held out for --mode test")
     p.add_argument("--top_k", type=int, default=d["top_k"], help="how many classes classify lists")
+    p.add_argument("--fresh", action="store_true", help="train from scratch, discarding an interrupted run's saved progress")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--verbose", action="store_true", help="show TensorFlow's log messages")
     return p
@@ -126,7 +128,7 @@ def _run(args) -> dict:
             test_split=args.test_split,
             seed=args.seed,
         )
-        return train(dataset, args.model_file_path, args.images_dir, config)
+        return train(dataset, args.model_file_path, args.images_dir, config, fresh=args.fresh)
     if args.mode == "test":
         from .data import ensure_digits_dataset
         from .evaluate import evaluate
@@ -169,7 +171,14 @@ def _print_human(result: dict) -> None:
         print(f"Top {len(result['top_k'])}: {top}")
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv=None) -> int:
+    # `docker stop` and `kill` send SIGTERM: stop as cleanly as on Ctrl-C (temporary files
+    # removed, the training state of the last completed epoch kept for resuming).
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(args, parser)
@@ -184,9 +193,10 @@ def main(argv=None) -> int:
         where = f" {e.filename}" if e.filename else ""
         print(f"simple-cnn: error:{where}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("simple-cnn: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        resume = " (run the same command again to resume training; --fresh starts over)" if args.mode == "train" else ""
+        print(f"simple-cnn: interrupted{resume}", file=sys.stderr)
+        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
     if args.json:
         result.pop("report", None)
         print(json.dumps(result, indent=2, ensure_ascii=False))

@@ -42,7 +42,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check, at our limit
 
 def shown(name: str) -> str:
     """A file name safe to print, even when it is not valid UTF-8."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return os.fsencode(name).decode("utf-8", "backslashreplace")  # undecodable bytes as \xNN
 
 
 def split_of(relpath: str, val_split: float, test_split: float) -> str:
@@ -102,7 +102,7 @@ def _check_header(path: Path) -> tuple[int, int]:
             w, h = im.size
     except Image.DecompressionBombError:
         raise ValueError(f"more than {MAX_PIXELS:,} pixels") from None
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow raises all three for bad files
+    except Exception as e:  # Pillow's parsers raise many kinds (OSError, SyntaxError, struct.error, ...) on bad bytes
         raise ValueError(_reason(e)) from None
     if w * h > MAX_PIXELS:
         raise ValueError(f"{w}x{h} is more than {MAX_PIXELS:,} pixels")
@@ -112,12 +112,16 @@ def _check_header(path: Path) -> tuple[int, int]:
 
 
 def _reason(e: Exception) -> str:
+    if isinstance(e, Image.DecompressionBombError):
+        return f"more than {MAX_PIXELS:,} pixels"
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, FileNotFoundError):
         return "file not found (broken link?)"
     text = str(e).split("\n")[0] or type(e).__name__
-    return "not an image" if text.startswith("cannot identify image file") else text
+    if text.startswith("cannot identify image file"):
+        return "not an image"
+    return "truncated file" if "truncated" in text.lower() else text
 
 
 def scan_dataset(root: Path, val_split: float = 0.15, test_split: float = 0.15) -> Dataset:
@@ -206,7 +210,7 @@ def read_image(path: Path, image_size: int) -> np.ndarray:
                 im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # as in _check_header: any failure to decode means "skip this file"
         raise ValueError(_reason(e)) from None
 
 

@@ -130,6 +130,18 @@ def load_model(path):
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many kinds; all mean "this file is not usable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        if "arbitrary code execution" in text:
+            raise DataError(
+                f"refused to load {path}: it contains Python code (a Lambda layer), which could do anything "
+                "when loaded; simple_cnn loads only models without code"
+            ) from None
+        first = text.splitlines()[0] if text else type(e).__name__
         raise DataError(f"cannot load the model {path}: {first}") from None
+    size, classes = metadata["image_size"], len(metadata["class_names"])
+    if tuple(model.input_shape[1:]) != (size, size, 3) or model.output_shape[-1] != classes:
+        raise DataError(
+            f"{path} is inconsistent: its network takes {model.input_shape[1:]} and gives {model.output_shape[-1]} "
+            f"outputs, but its metadata says {size}x{size}x3 images and {classes} classes"
+        )
     return model, metadata

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import fcntl
+import json
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, data, plots
-from .errors import DataError
-from .files import ensure_writable_dir
+from .errors import DataError, SimpleCNNError
+from .files import ensure_writable_dir, write_json
 from .model import build_model, check_model_path, save_model
 from .quiet import import_keras
 
@@ -33,24 +38,86 @@ class TrainConfig:
     augment: bool = True
 
 
+HISTORY = "history.csv"
+BEST_WEIGHTS = "best.weights.h5"
+
+
+def training_dir(model_path: Path) -> Path:
+    """Where an unfinished run keeps its state: a hidden folder beside the model file."""
+    return model_path.parent / f".{model_path.name}.training"
+
+
+@contextlib.contextmanager
+def _exclusive(model_path: Path):
+    """Hold a lock for ``model_path``, so that two runs never train into the same state."""
+    lock_path = model_path.parent / f".{model_path.name}.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SimpleCNNError(
+                f"another training run is writing {model_path}: wait for it, or choose another --model_file_path"
+            ) from None
+        yield
+
+
+def _resume_or_start(model_path: Path, run: dict, fresh: bool, log) -> Path:
+    work = training_dir(model_path)
+    if work.exists():
+        try:
+            previous = json.loads((work / "run.json").read_text())
+        except (OSError, ValueError):
+            previous = None
+        if fresh or previous != run:
+            why = "--fresh" if fresh else "it had other settings"
+            log(f"Discarding the unfinished run in {work} ({why})")
+            shutil.rmtree(work)
+        else:
+            try:  # the epoch BackupAndRestore will resume after
+                done = json.loads((work / "backup" / "training_metadata.json").read_text())["epoch"]
+            except (OSError, ValueError, KeyError):
+                done = 0
+            log(f"Resuming the unfinished run after epoch {done} (--fresh starts over)")
+    work.mkdir(exist_ok=True)
+    write_json(work / "run.json", run)
+    return work
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """Keras' CSVLogger file as ``{metric: [value per epoch]}``; the last row per epoch wins."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = {int(r["epoch"]): r for r in csv.DictReader(f) if r.get("epoch", "").isdigit()}
+    ordered = [rows[e] for e in sorted(rows)]
+    keys = [k for k in (ordered[0] if ordered else {}) if k != "epoch"]
+    return {k: [float(r[k]) for r in ordered] for k in keys}
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train(dataset_path, model_path, images_dir, config: TrainConfig | None = None, log=_log) -> dict:
+def train(dataset_path, model_path, images_dir, config: TrainConfig | None = None, fresh: bool = False, log=_log) -> dict:
     """Train a model on ``dataset_path`` and save it to ``model_path``.
 
     Writes ``training_curves.png`` and ``examples_train_images.png`` to ``images_dir``
     and returns a summary (split sizes, files skipped, best epoch, wall time, ...).
     Progress goes to ``log`` and Keras' progress output to stderr.
+
+    An interrupted run (Ctrl-C, a kill, a crash) resumes from its last completed epoch
+    when called again with the same dataset and settings; ``fresh=True`` starts over.
     """
-    started = time.monotonic()
-    config = config or TrainConfig()
     model_path = check_model_path(model_path)
     ensure_writable_dir(model_path.parent, "model")
-    images_dir = ensure_writable_dir(Path(images_dir), "images")
+    with _exclusive(model_path):
+        return _train(Path(dataset_path), model_path, Path(images_dir), config or TrainConfig(), fresh, log)
 
-    dataset = data.scan_dataset(Path(dataset_path), config.val_split, config.test_split)
+
+def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: TrainConfig, fresh: bool, log) -> dict:
+    started = time.monotonic()
+    images_dir = ensure_writable_dir(images_dir, "images")
+    dataset = data.scan_dataset(dataset_path, config.val_split, config.test_split)
     counts = dataset.counts()
     if counts["val"] == 0 or counts["train"] == 0:
         raise DataError(
@@ -77,9 +144,28 @@ def train(dataset_path, model_path, images_dir, config: TrainConfig | None = Non
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    run = {
+        "dataset_path": str(dataset.root.resolve()),
+        "class_names": dataset.class_names,
+        "config": asdict(config) | {"image_size": image_size},
+    }
+    work = _resume_or_start(model_path, run, fresh, log)
+    history = read_history(work / HISTORY)
+    best_so_far = min(history["val_loss"]) if history.get("val_loss") else None
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+        # Order matters: the history row and best weights of an epoch are written
+        # before BackupAndRestore marks the epoch as done.
+        keras.callbacks.CSVLogger(str(work / HISTORY), append=True),
+        keras.callbacks.ModelCheckpoint(
+            str(work / BEST_WEIGHTS),
+            monitor="val_loss",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best_so_far,
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, config.patience // 2)),
+        keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True),
     ]
     log(
         f"Training at {image_size}x{image_size} pixels, batch size {config.batch_size}, "
@@ -89,14 +175,21 @@ def train(dataset_path, model_path, images_dir, config: TrainConfig | None = Non
     # Keras writes its progress to stdout; we keep stdout for results (and --json), so
     # it goes to stderr: a live progress bar in a terminal, one line per epoch in logs.
     with contextlib.redirect_stdout(sys.stderr):
-        history = model.fit(
+        model.fit(
             data.make_tf_dataset(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed),
             validation_data=data.make_tf_dataset(x_val, y_val, config.batch_size),
             epochs=config.epochs,
             shuffle=False,  # the tf.data pipeline shuffles
             callbacks=callbacks,
             verbose=1 if sys.stderr.isatty() else 2,
-        ).history
+        )
+    history = read_history(work / HISTORY)  # every epoch, including those before a resume
+    try:
+        with warnings.catch_warnings():  # the checkpoint holds no optimizer state; we need none
+            warnings.simplefilter("ignore", UserWarning)
+            model.load_weights(work / BEST_WEIGHTS)
+    except (OSError, ValueError):  # only if a kill hit the write of the best weights
+        log("Warning: the best epoch's weights could not be read back; keeping the last epoch's")
     fit_seconds = time.monotonic() - fit_started
     best = int(np.argmin(history["val_loss"]))
 
@@ -140,5 +233,6 @@ def train(dataset_path, model_path, images_dir, config: TrainConfig | None = Non
         "Training images",
     )
     summary["images_written"] = [str(images_dir / "training_curves.png"), str(images_dir / "examples_train_images.png")]
+    shutil.rmtree(work, ignore_errors=True)  # done: nothing left to resume
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     return summary

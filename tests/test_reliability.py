@@ -1,0 +1,502 @@
+"""Bad input, interrupted runs and unsafe files, each run as a user would.
+
+README.md's "Reliability" table lists every test here; test_readme_table_is_in_step
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import assert_one_line_error, bomb_png, make_shapes_dataset, run_cli, shape_image
+from simple_cnn import data
+
+REPO = Path(__file__).resolve().parents[1]
+IS_ROOT = os.geteuid() == 0
+
+
+# ---------------------------------------------------------------- bad images in a dataset
+
+
+def _jpeg(rng, size=48, **kw) -> bytes:
+    buf = io.BytesIO()
+    shape_image("circle", rng, size).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _write_odd_files(cls: Path, rng) -> None:
+    """Every odd input of the battery, in one class folder. Names say what each is."""
+    base = shape_image("circle", rng, 48)
+    (cls / "zero_byte.jpg").write_bytes(b"")
+    (cls / "text_named.jpg").write_text("this is a text file, not a JPEG")
+    (cls / "truncated.jpg").write_bytes(_jpeg(rng)[:400])
+    body = bytearray(_jpeg(rng))
+    sos = body.find(b"\xff\xda")
+    for i in range(sos + 20, len(body) - 10):
+        if body[i] != 0xFF:
+            body[i] = (body[i] * 7 + 13) % 256
+    (cls / "corrupt_body.jpg").write_bytes(bytes(body))
+    (cls / "bomb.png").write_bytes(bomb_png(50_000, 50_000))
+    base.convert("RGBA").save(cls / "alpha.png")
+    Image.fromarray(np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 25).save(cls / "sixteen_bit.png")
+    base.convert("L").save(cls / "grey.jpg")
+    base.convert("CMYK").save(cls / "cmyk.jpg")
+    frames = [base, base.rotate(90)]
+    frames[0].save(cls / "animated.gif", save_all=True, append_images=frames[1:], loop=0)
+    base.save(cls / "photo.webp")
+    Image.new("RGB", (1, 1), (200, 0, 0)).save(cls / "one_pixel.png")
+    base.save(cls / "with space.png")
+    base.save(cls / "ünïcödé 名前.png")
+    base.save(os.fsencode(cls) + b"/latin1_caf\xe9.png")  # not valid UTF-8
+    (cls / "nested" / "deeper").mkdir(parents=True)
+    base.save(cls / "nested" / "deeper" / "nested.png")
+    (cls / "link_to_image.png").symlink_to(cls / "alpha.png")
+    (cls / "loop_a.png").symlink_to(cls / "loop_b.png")
+    (cls / "loop_b.png").symlink_to(cls / "loop_a.png")
+    (cls / "dangling.png").symlink_to(cls / "does_not_exist.png")
+    (cls / "folder_loop").symlink_to(cls, target_is_directory=True)
+    base.save(cls / "unreadable.png")
+    (cls / "unreadable.png").chmod(0)
+
+
+SKIPPED = {  # file -> words of the reason
+    "zero_byte.jpg": "not an image",
+    "text_named.jpg": "not an image",
+    "truncated.jpg": "truncated",
+    "corrupt_body.jpg": "broken data stream",
+    "bomb.png": "pixels",
+    "loop_a.png": "symbolic links",
+    "loop_b.png": "symbolic links",
+    "dangling.png": "not found",
+}
+USED = [
+    "alpha.png",
+    "sixteen_bit.png",
+    "grey.jpg",
+    "cmyk.jpg",
+    "animated.gif",
+    "photo.webp",
+    "one_pixel.png",
+    "with space.png",
+    "ünïcödé 名前.png",
+    "latin1_caf\\xe9.png",
+    "nested/deeper/nested.png",
+    "link_to_image.png",
+]
+
+
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory):
+    """One training run (1 epoch) on a dataset holding every odd input; its JSON summary."""
+    work = tmp_path_factory.mktemp("odd")
+    root = make_shapes_dataset(work / "ds", per_class=30)
+    os.rename(root / "triangle", root / "tri angle é")  # a class name with a space and non-ASCII
+    odd = root / "circle"
+    _write_odd_files(odd, np.random.default_rng(7))
+    all_splits = {"--val_split": "0.2", "--test_split": "0.001"}  # every odd file is read by train mode
+    args = [a for kv in all_splits.items() for a in kv]
+    result = run_cli("--mode", "train", "--dataset_path", root, "--epochs", "1", "--image_size", "32", *args, "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    summary["stderr"] = result.stderr
+    summary["train_files"] = {
+        r.relpath.removeprefix("circle/"): r.split
+        for r in data.scan_dataset(root, 0.2, 0.001).images
+        if r.relpath.startswith("circle/")
+    }
+    return summary
+
+
+@pytest.mark.parametrize("name, reason", SKIPPED.items(), ids=list(SKIPPED))
+def test_bad_image_is_skipped_and_counted(odd_run, name, reason):
+    skipped = {s["file"].removeprefix("circle/"): s["reason"] for s in odd_run["skipped"]}
+    assert name in skipped, skipped
+    assert reason in skipped[name], skipped[name]
+    assert f"{len(odd_run['skipped'])} unreadable files skipped" in odd_run["stderr"]
+
+
+@pytest.mark.parametrize("name", USED)
+def test_odd_but_valid_image_is_used(odd_run, name):
+    skipped = {s["file"].removeprefix("circle/") for s in odd_run["skipped"]}
+    assert name not in skipped
+    assert name.replace("\\xe9", "\udce9") in odd_run["train_files"]
+
+
+def test_unreadable_file_is_skipped(odd_run):
+    skipped = {s["file"].removeprefix("circle/"): s["reason"] for s in odd_run["skipped"]}
+    if IS_ROOT:  # root reads any file: nothing to skip
+        assert "unreadable.png" not in skipped
+    else:
+        assert "permission denied" in skipped["unreadable.png"]
+
+
+def test_folder_symlink_loop_is_not_followed(odd_run):
+    assert not any("folder_loop" in f for f in odd_run["train_files"])
+
+
+def test_class_names_with_spaces_and_non_ascii_work(odd_run):
+    assert odd_run["class_names"] == ["circle", "square", "tri angle é"]
+
+
+@pytest.mark.parametrize(
+    "layout, words",
+    [("empty_class", "no readable images"), ("single_class", "at least two"), ("file", "is a file")],
+)
+def test_unusable_dataset_is_one_clear_line(tmp_path, layout, words):
+    root = tmp_path / "ds"
+    if layout == "file":
+        root.write_text("not a folder")
+    else:
+        make_shapes_dataset(root, per_class=3)
+        if layout == "empty_class":
+            (root / "empty").mkdir()
+        else:
+            for cls in ("square", "triangle"):
+                for f in (root / cls).iterdir():
+                    f.unlink()
+                (root / cls).rmdir()
+    assert_one_line_error(run_cli("--mode", "train", "--dataset_path", root, cwd=tmp_path), 1, str(root.name), words)
+
+
+# ---------------------------------------------------------------- model files
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A model trained for one epoch at 24x24 pixels, and its dataset."""
+    work = tmp_path_factory.mktemp("model")
+    make_shapes_dataset(work / "ds", per_class=15)
+    result = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--image_size", "24", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work, work / "models" / "cnn_model.keras"
+
+
+def _classify(work, model, image="ds/circle/circle_000.png"):
+    return run_cli("--mode", "classify", "--model_file_path", model, "--single_image_path", image, cwd=work)
+
+
+def test_truncated_or_corrupt_model_is_one_clear_line(small_model, tmp_path):
+    work, model = small_model
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 3])
+    assert_one_line_error(_classify(work, truncated), 1, "truncated.keras", "corrupt or truncated")
+    flipped = bytearray(model.read_bytes())
+    flipped[len(flipped) // 2 : len(flipped) // 2 + 2000] = os.urandom(2000)
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(bytes(flipped))
+    result = _classify(work, corrupt)
+    assert_one_line_error(result, 1, "corrupt.keras")
+
+
+def test_file_that_is_not_a_model_is_one_clear_line(small_model, tmp_path):
+    work, _ = small_model
+    fake = tmp_path / "notes.keras"
+    fake.write_text("just text")
+    assert_one_line_error(_classify(work, fake), 1, "notes.keras", "not a readable Keras zip archive")
+
+
+def test_h5_without_keras_metadata_is_one_clear_line(small_model, tmp_path):
+    work, _ = small_model
+    bare = tmp_path / "bare.h5"
+    with h5py.File(bare, "w") as f:
+        f["weights"] = np.zeros(10)
+    assert_one_line_error(_classify(work, bare), 1, "bare.h5", "not saved by simple_cnn")
+
+
+def test_model_with_code_is_refused_not_run(small_model, tmp_path):
+    work, _ = small_model
+    marker = tmp_path / "code_ran"
+    script = f"""
+import keras
+from simple_cnn.model import save_model
+i = keras.Input((24, 24, 3))
+x = keras.layers.Lambda(lambda t: (open({str(marker)!r}, "w").close(), t)[1])(i)
+o = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+save_model(keras.Model(i, o), {str(tmp_path / "lambda.keras")!r},
+           {{"class_names": ["circle", "square", "triangle"], "image_size": 24, "val_split": 0.15, "test_split": 0.15}})
+"""
+    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    marker.unlink(missing_ok=True)  # building the model ran the lambda once; loading must not
+    assert_one_line_error(_classify(work, tmp_path / "lambda.keras"), 1, "refused", "Python code")
+    assert not marker.exists()
+
+
+def test_model_for_other_classes_is_refused_in_test_mode(small_model, tmp_path):
+    work, model = small_model
+    other = make_shapes_dataset(tmp_path / "other", per_class=3)
+    os.rename(other / "square", other / "box")
+    result = run_cli("--mode", "test", "--model_file_path", model, "--dataset_path", other, cwd=work)
+    assert_one_line_error(result, 1, "differ")
+
+
+def test_model_for_another_input_size_resizes_new_images(small_model, tmp_path):
+    work, model = small_model
+    big = tmp_path / "big.jpg"
+    shape_image("square", np.random.default_rng(3), size=300).save(big)
+    result = _classify(work, model, big)
+    assert result.returncode == 0, result.stderr
+    # A file whose metadata disagrees with its network is refused.
+    tampered = tmp_path / "tampered.keras"
+    with zipfile.ZipFile(model) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            payload = src.read(item)
+            if item.filename == "simple_cnn.json":
+                payload = json.dumps({**json.loads(payload), "image_size": 64}).encode()
+            dst.writestr(item, payload)
+    assert_one_line_error(_classify(work, tampered), 1, "inconsistent")
+
+
+# ---------------------------------------------------------------- flags
+
+
+def test_batch_size_larger_than_dataset_trains(tmp_path):
+    make_shapes_dataset(tmp_path / "ds", per_class=10)
+    result = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--batch_size", "4096", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "models" / "cnn_model.keras").is_file()
+
+
+def test_images_folder_that_cannot_be_written_is_one_clear_line(tmp_path):
+    make_shapes_dataset(tmp_path / "ds", per_class=5)
+    (tmp_path / "blocked").write_text("a file where the images folder should be")
+    result = run_cli("--mode", "train", "--dataset_path", "ds", "--images_dir", "blocked/images", cwd=tmp_path)
+    assert_one_line_error(result, 1, "images folder", "blocked")
+    if not IS_ROOT:
+        (tmp_path / "readonly").mkdir(mode=0o555)
+        result = run_cli("--mode", "train", "--dataset_path", "ds", "--images_dir", "readonly", cwd=tmp_path)
+        assert_one_line_error(result, 1, "cannot write", "readonly")
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def _start_training(work: Path, *extra) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simple_cnn",
+            "--mode",
+            "train",
+            "--dataset_path",
+            "ds",
+            "--epochs",
+            "6",
+            "--batch_size",
+            "16",
+            "--json",
+            *extra,
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
+    """Read stderr until ``n`` epochs have ended (Keras prints one line per epoch)."""
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if sum("val_loss" in ln for ln in lines) >= n:
+            return lines
+    raise AssertionError(f"training did not reach epoch {n}: {''.join(lines)}")
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    make_shapes_dataset(tmp_path / "ds", per_class=20)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)], ids=["SIGINT", "SIGTERM", "SIGKILL"]
+)
+def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code):
+    work = small_dataset
+    proc = _start_training(work)
+    _wait_for_epochs(proc, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    if sig != signal.SIGKILL:
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("simple-cnn: interrupted") and "resume" in last, err
+        assert "Traceback" not in err
+    assert not (work / "models" / "cnn_model.keras").exists()
+
+    again = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "6", "--batch_size", "16", "--json", cwd=work)
+    assert again.returncode == 0, again.stderr
+    resumed_after = int(re.search(r"Resuming the unfinished run after epoch (\d+)", again.stderr).group(1))
+    assert resumed_after >= 2
+    assert sum("val_loss" in ln for ln in again.stderr.splitlines()) <= 6 - resumed_after
+    summary = json.loads(again.stdout)
+    assert summary["epochs_run"] == 6  # the history spans both runs
+    assert not (work / "models" / ".cnn_model.keras.training").exists()
+
+
+def test_fresh_discards_an_unfinished_run(small_dataset):
+    work = small_dataset
+    proc = _start_training(work)
+    _wait_for_epochs(proc, 1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    again = run_cli(
+        "--mode", "train", "--dataset_path", "ds", "--epochs", "2", "--batch_size", "16", "--fresh", "--json", cwd=work
+    )
+    assert again.returncode == 0, again.stderr
+    assert "Discarding the unfinished run" in again.stderr
+    assert json.loads(again.stdout)["epochs_run"] == 2
+
+
+def test_second_training_run_on_the_same_model_is_refused(small_dataset):
+    """While one run trains into models/cnn_model.keras (it holds the lock), another is refused."""
+    work = small_dataset
+    (work / "models").mkdir()
+    with open(work / "models" / ".cnn_model.keras.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running training holds
+        second = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "1", cwd=work)
+    assert_one_line_error(second, 1, "another training run", "models/cnn_model.keras")
+
+
+SAVE_LOOP = """
+import sys, itertools
+from simple_cnn.model import build_model, save_model
+path, tag = sys.argv[1], sys.argv[2]
+model = build_model(3, 16)
+meta = {"class_names": ["a", "b", "c"], "image_size": 16, "val_split": 0.15, "test_split": 0.15}
+print("ready", flush=True)
+for i in itertools.count():
+    save_model(model, path, {**meta, "writer": tag, "round": i})
+"""
+
+
+def _assert_loadable(path: Path) -> dict:
+    from simple_cnn.model import load_model
+
+    model, metadata = load_model(path)
+    assert model.output_shape[-1] == 3
+    return metadata
+
+
+def test_kill_during_save_leaves_a_loadable_model(tmp_path):
+    path = tmp_path / "m.keras"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    rng = np.random.default_rng(0)
+    for attempt in range(5):  # killed at a different moment of the save loop each time
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVE_LOOP, str(path), f"k{attempt}"], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3 + float(rng.uniform(0, 1.2)))
+        proc.kill()
+        proc.wait()
+        assert _assert_loadable(path)["writer"] == f"k{attempt}"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.keras"]
+    assert all(p.startswith(".m.") for p in leftovers)  # only a killed writer's temporary file, never the model
+
+
+def test_two_writers_never_leave_a_corrupt_model(tmp_path):
+    path = tmp_path / "m.keras"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path), tag], stdout=subprocess.PIPE, text=True, env=env)
+        for tag in ("one", "two")
+    ]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for _ in range(6):
+        time.sleep(0.4)
+        if path.exists():
+            assert _assert_loadable(path)["writer"] in ("one", "two")
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+    assert _assert_loadable(path)["writer"] in ("one", "two")
+
+
+# ---------------------------------------------------------------- fuzzing the image reader
+
+
+def _valid_images() -> list[bytes]:
+    rng = np.random.default_rng(1)
+    out = []
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP"):
+        buf = io.BytesIO()
+        shape_image("square", rng, 24).save(buf, fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+VALID = _valid_images()
+
+
+def _read_or_skip(tmp_path_factory, payload: bytes) -> None:
+    path = tmp_path_factory.mktemp("fuzz", numbered=True) / "x.img"
+    path.write_bytes(payload)
+    try:
+        pixels = data.read_image(path, 16)
+    except ValueError as e:
+        assert str(e)  # a reason to report
+        return
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
+
+
+FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(payload=st.binary(max_size=4096))
+def test_fuzz_random_bytes_are_read_or_skipped(tmp_path_factory, payload):
+    _read_or_skip(tmp_path_factory, payload)
+
+
+@FUZZ
+@given(
+    which=st.integers(0, len(VALID) - 1),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=12),
+    cut=st.integers(0, 10**6),
+)
+def test_fuzz_mutated_images_are_read_or_skipped(tmp_path_factory, which, edits, cut):
+    payload = bytearray(VALID[which])
+    for pos, value in edits:
+        payload[pos % len(payload)] = value
+    payload = payload[: max(8, cut % (len(payload) + 1))]
+    _read_or_skip(tmp_path_factory, bytes(payload))
+
+
+# ---------------------------------------------------------------- the README table
+
+
+def test_readme_table_is_in_step():
+    """Every test in this file appears in README.md's Reliability table, and the other way round."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    here = {name for name in globals() if name.startswith("test_")}
+    assert named == here, {"missing from README": here - named, "not a test": named - here}
