@@ -37,6 +37,10 @@ examples:
     simple-cnn --mode test --dataset_path datasets/flower_photos
   classify one image:
     simple-cnn --mode classify --single_image_path datasets/flower_photos/roses/x.jpg
+  classify a folder (or a glob such as 'photos/*.jpg') into a CSV file:
+    simple-cnn --mode classify --input_path photos/ --output predictions.csv
+  export the model for serving or devices (tflite, savedmodel or onnx), next to it:
+    simple-cnn --mode export --format onnx
 
 exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted (Ctrl-C), 143 terminated
 """
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     d = DEFAULTS
-    p.add_argument("--mode", required=True, choices=["train", "test", "classify"], help="what to do")
+    p.add_argument("--mode", required=True, choices=["train", "test", "classify", "export"], help="what to do")
     p.add_argument(
         "--dataset_path",
         help=f"dataset folder with one sub-folder per class (default: train uses the built-in digits in "
@@ -71,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_file_path", default=d["model_file_path"], help="model file to write (train) or read; .keras or .h5")
     p.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per training step")
     p.add_argument("--epochs", type=int, default=d["epochs"], help="most epochs to train; early stopping may end sooner")
-    p.add_argument("--single_image_path", help="image to classify (required by classify mode)")
+    p.add_argument("--single_image_path", help="one image to classify (classify mode)")
+    p.add_argument("--input_path", help="images to classify: a file, a folder (recursively) or a quoted glob")
+    p.add_argument("--output", help="write classify results for --input_path to this .csv or .jsonl file")
+    p.add_argument("--format", choices=["tflite", "savedmodel", "onnx"], help="export format (export mode)")
     p.add_argument("--images_dir", default=d["images_dir"], help="folder for plots and metrics.json")
     p.add_argument(
         "--image_size", type=int, help="training image side in pixels (default: the median short side of the images, in 32-128)"
@@ -106,8 +113,16 @@ def _check(args, parser) -> None:
         parser.error(
             f"--val_split + --test_split must be below 1 to leave images to train on, not {args.val_split + args.test_split:g}"
         )
-    if args.mode == "classify" and not args.single_image_path:
-        parser.error("--mode classify needs --single_image_path IMAGE")
+    if args.mode == "classify" and not (args.single_image_path or args.input_path):
+        parser.error("--mode classify needs --single_image_path IMAGE or --input_path FILE|FOLDER|GLOB")
+    if args.single_image_path and args.input_path:
+        parser.error("give --single_image_path or --input_path, not both")
+    if args.output and not (args.mode == "classify" and args.input_path):
+        parser.error("--output goes with --mode classify --input_path")
+    if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
+        parser.error(f"--output {args.output} must end in .csv or .jsonl")
+    if args.mode == "export" and not args.format:
+        parser.error("--mode export needs --format tflite|savedmodel|onnx")
     try:
         check_model_path(args.model_file_path)
     except UsageError as e:
@@ -140,9 +155,42 @@ def _run(args) -> dict:
             trained_on = Path(read_metadata(args.model_file_path)["dataset_path"])
             dataset = trained_on if trained_on.is_dir() else ensure_digits_dataset(DEFAULT_DATASET)
         return evaluate(dataset, args.model_file_path, args.images_dir, args.batch_size)
-    from .classify import classify
+    if args.mode == "export":
+        from .export import export
 
-    return classify(args.single_image_path, args.model_file_path, args.top_k)
+        return export(args.model_file_path, args.format)
+    from .classify import classify, classify_many
+
+    if args.single_image_path:
+        return classify(args.single_image_path, args.model_file_path, args.top_k)
+    result = classify_many(args.input_path, args.model_file_path, args.top_k)
+    if args.output:
+        _write_predictions(result, Path(args.output))
+        result["output"] = args.output
+    return result
+
+
+def _write_predictions(result: dict, path: Path) -> None:
+    import csv
+    import io
+
+    from .files import atomic_output
+
+    rows = result["predictions"]
+    if path.suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    else:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["file", "class", "probability", "top_k"])
+        for r in rows:
+            top = ";".join(f"{t['class']}:{t['probability']:.4f}" for t in r["top_k"])
+            writer.writerow([r["image"], r["class"], f"{r['probability']:.4f}", top])
+        text = buf.getvalue()
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _print_human(result: dict) -> None:
@@ -165,6 +213,21 @@ def _print_human(result: dict) -> None:
         print(f"Accuracy {result['accuracy']:.3f} (chance {result['chance_accuracy']:.3f}), loss {result['loss']:.3f}")
         print(result["report"].rstrip())
         print(f"Wrote {', '.join(result['images_written'])}")
+    elif mode == "export":
+        print(f"Exported {result['format']}: {', '.join(result['written'])}")
+    elif "predictions" in result:
+        if not result.get("output"):
+            for r in result["predictions"]:
+                top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
+                print(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}\t{top}")
+        for s in result["skipped"]:
+            print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
+        where = f", written to {result['output']}" if result.get("output") else ""
+        print(
+            f"Classified {len(result['predictions'])} images ({result['images_per_second']} images/s, "
+            f"{result['runtime']}){where}; {len(result['skipped'])} skipped",
+            file=sys.stderr,
+        )
     else:
         print(f"{result['image']}: {result['class']} (probability {result['probability']:.3f})")
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top_k"])

@@ -1,33 +1,46 @@
-"""Importing TensorFlow and Keras without TensorFlow's start-up noise.
+"""Importing TensorFlow (and starting LiteRT) without their C++ start-up noise.
 
 TensorFlow's C++ core prints lines such as "oneDNN custom operations are on" straight
 to file descriptor 2 before its logging is set up, so ``TF_CPP_MIN_LOG_LEVEL`` alone
-does not hide them. When that variable is "3" (the CLI sets it unless ``--verbose``),
-the first import runs with fd 2 pointed at /dev/null. Every TensorFlow or Keras
-import in simple_cnn goes through :func:`import_keras` or :func:`import_tensorflow`.
+does not hide them; LiteRT prints "Created TensorFlow Lite XNNPACK delegate" the same
+way. When that variable is "3" (the CLI sets it unless ``--verbose``), these steps run
+with fd 2 pointed at /dev/null. Every TensorFlow or Keras import in simple_cnn goes
+through :func:`import_keras` or :func:`import_tensorflow`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 
-def import_tensorflow():
-    if "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
-        sys.stderr.flush()
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        try:
-            import tensorflow
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
-        import absl.logging
+@contextlib.contextmanager
+def c_noise_hidden():
+    """Point fd 2 at /dev/null for the duration, if TF_CPP_MIN_LOG_LEVEL is 3."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
-        absl.logging.set_verbosity(absl.logging.ERROR)  # e.g. the ".h5 is legacy" warning
-        tensorflow.get_logger().setLevel("ERROR")
+
+def import_tensorflow():
+    if "tensorflow" not in sys.modules:
+        with c_noise_hidden():
+            import tensorflow
+        if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
+            import absl.logging
+
+            absl.logging.set_verbosity(absl.logging.ERROR)  # e.g. the ".h5 is legacy" warning
+            tensorflow.get_logger().setLevel("ERROR")
     import tensorflow
 
     return tensorflow

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__, data, plots
 from .errors import DataError, SimpleCNNError
+from .export import write_tflite
 from .files import ensure_writable_dir, write_json
 from .model import build_model, check_model_path, save_model
 from .quiet import import_keras
@@ -222,6 +223,10 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
         "training": {k: summary[k] for k in ("epochs_run", "best_epoch", "best_val_accuracy", "config")},
     }
     save_model(model, model_path, metadata)
+    try:  # the LiteRT copy lets classify start without TensorFlow; without it, classify still works
+        summary["tflite_file_path"] = str(write_tflite(model, model_path, metadata))
+    except Exception as e:  # noqa: BLE001 (any converter failure only costs speed)
+        log(f"Warning: could not write the LiteRT copy of the model ({str(e).splitlines()[0] if str(e) else e!r})")
 
     plots.training_curves(history, images_dir / "training_curves.png")
     rng = np.random.default_rng(config.seed)

@@ -1,0 +1,183 @@
+"""Classifying folders, the LiteRT fast path, and exports that load back and agree."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import CLASSES, assert_one_line_error, run_cli, shape_image
+from simple_cnn import data
+from simple_cnn.classify import Predictor
+from simple_cnn.model import load_model, read_metadata
+
+
+@pytest.fixture(scope="module")
+def new_images(trained, tmp_path_factory):
+    """A folder of new images with known classes (in their names), plus files to skip."""
+    folder = tmp_path_factory.mktemp("new") / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(2024)
+    truth = {}
+    for kind in CLASSES:
+        for i in range(6):
+            path = folder / ("sub" if i % 2 else ".") / f"{kind}_{i}.png"
+            shape_image(kind, rng, size=int(rng.integers(24, 80))).save(path)
+            truth[path.name] = kind
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (folder / ".hidden.png").write_bytes(b"ignored")
+    (folder / "notes.txt").write_text("ignored")
+    return folder, truth
+
+
+def _accuracy(rows, truth) -> float:
+    return np.mean([truth[r["image"].split("/")[-1]] == r["class"] for r in rows])
+
+
+def test_classify_folder_to_csv(trained, new_images):
+    work, _ = trained
+    folder, truth = new_images
+    result = run_cli("--mode", "classify", "--input_path", folder, "--output", "out/predictions.csv", cwd=work)
+    assert result.returncode == 0, result.stderr
+    with open(work / "out" / "predictions.csv", newline="") as f:
+        rows = [{"image": r["file"], "class": r["class"], "top_k": r["top_k"]} for r in csv.DictReader(f)]
+    assert len(rows) == len(truth)
+    assert _accuracy(rows, truth) >= 0.9
+    assert all(len(r["top_k"].split(";")) == 3 for r in rows)
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+    assert "images/s" in result.stderr and "litert" in result.stderr
+
+
+def test_classify_glob_to_jsonl_and_table(trained, new_images):
+    work, _ = trained
+    folder, truth = new_images
+    result = run_cli("--mode", "classify", "--input_path", f"{folder}/**/circle_*.png", "--output", "p.jsonl", cwd=work)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (work / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and _accuracy(rows, truth) >= 0.8
+    table = run_cli("--mode", "classify", "--input_path", folder / "sub", "--top_k", "2", cwd=work)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert len(lines) == 9 and all(len(line.split("\t")) == 4 for line in lines)
+
+
+def test_classify_json_names_the_runtime(trained):
+    work, _ = trained
+    image = work / "datasets" / "shapes" / "square" / "square_000.png"
+    result = run_cli("--mode", "classify", "--single_image_path", image, "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runtime"] == "litert"
+    assert result.stderr == ""  # no TensorFlow or LiteRT start-up noise
+
+
+def _images(folder, size):
+    paths = sorted(p for p in folder.rglob("*.png") if not p.name.startswith("."))
+    return np.stack([data.read_image(p, size) for p in paths])
+
+
+def test_litert_and_keras_agree(trained, new_images):
+    work, _ = trained
+    model_path = work / "models" / "cnn_model.keras"
+    metadata = read_metadata(model_path)
+    x = _images(new_images[0], metadata["image_size"])
+    lite = Predictor(model_path, metadata)
+    assert lite.runtime == "litert"
+    keras_model, _ = load_model(model_path)
+    expected = np.asarray(keras_model(x.astype(np.float32), training=False))
+    got = lite(x)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_stale_litert_copy_falls_back_to_keras(trained, tmp_path):
+    work, _ = trained
+    shutil.copy(work / "models" / "cnn_model.keras", tmp_path / "m.keras")
+    shutil.copy(work / "models" / "cnn_model.tflite", tmp_path / "m.tflite")
+    other = tmp_path / "other.keras"  # same network, another training run's metadata
+    model, metadata = load_model(tmp_path / "m.keras")
+    from simple_cnn.model import save_model
+
+    save_model(model, other, {**metadata, "trained_at": "another run"})
+    shutil.copy(tmp_path / "m.tflite", tmp_path / "other.tflite")
+    notes = []
+    predictor = Predictor(other, read_metadata(other), log=notes.append)
+    assert predictor.runtime == "keras"
+    assert "not from the same training run" in notes[0]
+
+
+def test_export_tflite_loads_back_with_labels(trained, new_images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from simple_cnn.export import read_tflite_metadata
+
+    work, _ = trained
+    result = run_cli("--mode", "export", "--format", "tflite", "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(result.stdout)["written"]
+    assert written == ["models/cnn_model.tflite", "models/cnn_model.labels.txt"]
+    assert (work / written[1]).read_text().split() == list(CLASSES)
+    assert read_tflite_metadata(work / written[0])["class_names"] == list(CLASSES)
+    interpreter = Interpreter(model_path=str(work / written[0]))
+    interpreter.allocate_tensors()
+    assert list(interpreter.get_input_details()[0]["shape"][1:]) == [32, 32, 3]
+
+
+def test_export_savedmodel_serves_raw_image_bytes(trained, new_images):
+    import tensorflow as tf
+
+    work, _ = trained
+    result = run_cli("--mode", "export", "--format", "savedmodel", cwd=work)
+    assert result.returncode == 0, result.stderr
+    folder, truth = new_images
+    paths = sorted(p for p in folder.rglob("*.png") if not p.name.startswith("."))
+    served = tf.saved_model.load(str(work / "models" / "cnn_model_savedmodel"))
+    out = served.signatures["serving_default"](image_bytes=tf.constant([p.read_bytes() for p in paths]))
+    classes = [c.decode() for c in out["classes"].numpy()]
+    assert np.mean([truth[p.name] == c for p, c in zip(paths, classes)]) >= 0.9
+    keras_model, metadata = load_model(work / "models" / "cnn_model.keras")
+    x = _images(folder, metadata["image_size"])
+    pixels = served.signatures["pixels"](pixels=tf.constant(x, tf.float32))
+    np.testing.assert_allclose(pixels["probabilities"].numpy(), keras_model(x.astype(np.float32), training=False), atol=1e-4)
+    labels = (work / "models" / "cnn_model_savedmodel" / "assets" / "labels.txt").read_text().split()
+    assert labels == list(CLASSES)
+
+
+def test_export_onnx_predicts_the_same_classes(trained, new_images):
+    import onnx
+    import onnxruntime
+
+    work, _ = trained
+    result = run_cli("--mode", "export", "--format", "onnx", cwd=work)
+    assert result.returncode == 0, result.stderr
+    path = work / "models" / "cnn_model.onnx"
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["simple_cnn"])["class_names"] == list(CLASSES)
+    keras_model, metadata = load_model(work / "models" / "cnn_model.keras")
+    x = _images(new_images[0], metadata["image_size"]).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(path))
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(got, keras_model(x, training=False), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["--mode", "classify", "--input_path", "x", "--output", "p.txt"], ".csv or .jsonl"),
+        (["--mode", "classify", "--input_path", "x", "--single_image_path", "y"], "not both"),
+        (["--mode", "export"], "--format"),
+        (["--mode", "export", "--format", "pb"], "--format"),
+        (["--mode", "train", "--output", "p.csv"], "--output"),
+    ],
+)
+def test_classify_and_export_usage_errors(tmp_path, args, word):
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), 2, word)
+
+
+def test_classify_empty_folder_or_glob_is_one_clear_line(trained, tmp_path):
+    work, _ = trained
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("--mode", "classify", "--input_path", tmp_path / "empty", cwd=work), 1, "no images")
+    assert_one_line_error(run_cli("--mode", "classify", "--input_path", f"{tmp_path}/*.jpg", cwd=work), 1, "no files match")
