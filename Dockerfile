@@ -18,7 +18,9 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 
 # Dependencies first, in their own layer: a code change does not reinstall TensorFlow.
-COPY requirements.txt ./
+# The GPU image: docker build --build-arg REQUIREMENTS=requirements-gpu.txt -t simple_cnn:gpu .
+ARG REQUIREMENTS=requirements.txt
+COPY ${REQUIREMENTS} ./requirements.txt
 RUN pip install --no-cache-dir --require-hashes -r requirements.txt
 
 # A non-root user; the three data folders are theirs (and any --user may write them

@@ -63,6 +63,7 @@ def run_cli(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProce
     """Run ``python -m simple_cnn ARGS`` as a user would, in ``cwd``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    env.pop("TF_CONFIG", None)
     return subprocess.run(
         [sys.executable, "-m", "simple_cnn", *map(str, args)],
         cwd=cwd,

@@ -158,13 +158,14 @@ def test_unsafe_archives_are_refused_before_writing_anything(project, server, ex
 
 
 def test_unpublished_checksum_is_recorded_then_enforced(project, server):
-    server.files["/animal-image-classification-dataset.zip"] = _animals_zip()
+    archive = _animals_zip()
+    server.files["/animal-image-classification-dataset.zip"] = archive
     first = run_script(project, server, "animals")
     assert first.returncode == 0, first.stderr
     assert "recording SHA-256" in first.stdout
     assert sorted(p.name for p in (project / "datasets" / "Animals").iterdir() if p.is_dir()) == list(ANIMALS)
     manifest = (project / "datasets" / ".checksums").read_text()
-    assert hashlib.sha256(_animals_zip()).hexdigest() in manifest
+    assert hashlib.sha256(archive).hexdigest() in manifest
 
     shutil.rmtree(project / "datasets" / "Animals")
     server.files["/animal-image-classification-dataset.zip"] = _animals_zip(tag=b"changed")

@@ -20,7 +20,7 @@ def _pins(txt: Path) -> dict[str, tuple[str, list[str]]]:
     """{package: (version, [what it is 'via'])} from a pip-compile output file."""
     pins, current = {}, None
     for line in txt.read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", line)
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s\\;]+)", line)
         if m:
             current = canonicalize_name(m.group(1))
             pins[current] = (m.group(2), [])
@@ -37,7 +37,7 @@ def _direct(infile: Path) -> list[Requirement]:
     return [Requirement(ln) for ln in lines if ln and not ln.startswith("-")]
 
 
-@pytest.mark.parametrize("name", ["requirements", "requirements-dev"])
+@pytest.mark.parametrize("name", ["requirements", "requirements-dev", "requirements-gpu"])
 def test_compiled_requirements_match_their_in_file(name):
     """Fails when a .in file was edited without recompiling (see README, Dependencies)."""
     infile, txt = REPO / f"{name}.in", REPO / f"{name}.txt"
@@ -53,6 +53,16 @@ def test_compiled_requirements_match_their_in_file(name):
         if any(f"-r {infile.name}" in v for v in via):
             assert key in direct_names, f"{key} is no longer in {infile.name} but still pinned as direct: recompile"
     assert all(re.search(r"--hash=sha256:[0-9a-f]{64}", block) for block in txt.read_text().split("==")[1:])
+
+
+def test_gpu_requirements_differ_only_in_tensorflow():
+    def names(infile):
+        return {canonicalize_name(r.name): r for r in _direct(REPO / infile)}
+
+    cpu, gpu = names("requirements.in"), names("requirements-gpu.in")
+    assert set(cpu) - {"tensorflow-cpu"} == set(gpu) - {"tensorflow"}
+    assert all(str(cpu[n].specifier) == str(gpu[n].specifier) for n in set(cpu) & set(gpu))
+    assert cpu["tensorflow-cpu"].specifier == gpu["tensorflow"].specifier and "and-cuda" in gpu["tensorflow"].extras
 
 
 def _tool(name: str) -> str | None:

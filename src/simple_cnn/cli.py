@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_split", type=float, default=d["val_split"], help="fraction of images for validation")
     p.add_argument("--test_split", type=float, default=d["test_split"], help="fraction of images held out for --mode test")
     p.add_argument("--top_k", type=int, default=d["top_k"], help="how many classes classify lists")
+    p.add_argument(
+        "--distribute",
+        choices=["auto", "none", "mirrored", "multiworker"],
+        default="none",
+        help="train on several GPUs (mirrored) or machines (multiworker, configured by TF_CONFIG); "
+        "auto: mirrored when more than one GPU is visible",
+    )
+    p.add_argument("--mixed_precision", action="store_true", help="float16 compute on GPUs (no effect on CPUs)")
     p.add_argument("--fresh", action="store_true", help="train from scratch, discarding an interrupted run's saved progress")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--verbose", action="store_true", help="show TensorFlow's log messages")
@@ -121,6 +129,8 @@ def _check(args, parser) -> None:
         parser.error("--output goes with --mode classify --input_path")
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
         parser.error(f"--output {args.output} must end in .csv or .jsonl")
+    if args.distribute == "multiworker" and not os.environ.get("TF_CONFIG"):
+        parser.error("--distribute multiworker needs the TF_CONFIG environment variable on each worker (see README)")
     if args.mode == "export" and not args.format:
         parser.error("--mode export needs --format tflite|savedmodel|onnx")
     try:
@@ -142,6 +152,8 @@ def _run(args) -> dict:
             val_split=args.val_split,
             test_split=args.test_split,
             seed=args.seed,
+            distribute=args.distribute,
+            mixed_precision=args.mixed_precision,
         )
         return train(dataset, args.model_file_path, args.images_dir, config, fresh=args.fresh)
     if args.mode == "test":
@@ -195,7 +207,13 @@ def _write_predictions(result: dict, path: Path) -> None:
 
 def _print_human(result: dict) -> None:
     mode = result["mode"]
-    if mode == "train":
+    if mode == "train" and not result.get("chief", True):
+        print(
+            f"Worker {result['worker']} of {result['workers']} done: {result['epochs_run']} epochs, "
+            f"{result['images_used']['train']} training images, {result['steps_per_epoch']} steps per epoch; "
+            "the chief saved the model"
+        )
+    elif mode == "train":
         print(
             f"Best epoch {result['best_epoch']} of {result['epochs_run']}: validation accuracy "
             f"{result['best_val_accuracy']:.3f}, loss {result['best_val_loss']:.3f}"

@@ -245,19 +245,25 @@ def load_images(dataset: Dataset, records: list[ImageRecord], image_size: int) -
     return x, y
 
 
-def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0):
+def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0, in_graph=False):
     """Stream ``(x, y)`` to Keras in float32 batches with tf.data.
 
     The pipeline shuffles and batches *indices* and gathers each batch from the uint8
-    array, so there is never a second (tensor) copy of the whole dataset, nor a float32
-    one; prefetch overlaps the gather with training.
+    array, so there is never a float32 copy of the dataset, and by default not even a
+    second uint8 one: ``tf.numpy_function`` gathers straight from the NumPy array.
+    ``in_graph=True`` slices a TensorFlow copy instead, for tf.distribute, whose
+    multi-worker input pipelines cannot call Python functions.
     """
     from .quiet import import_tensorflow
 
     tf = import_tensorflow()
-    ds = tf.data.Dataset.range(len(x))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    if in_graph:
+        # uint8 batches, no map: the model casts its input. Under MultiWorkerMirroredStrategy
+        # (TF 2.21, Keras 3.15) any map after batch fed wrong shapes from the second epoch on.
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size)
 
     def gather(idx):
         xb, yb = tf.numpy_function(lambda i: (x[i], y[i]), [idx], (tf.uint8, tf.int32), stateful=False)
@@ -265,6 +271,9 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
         yb.set_shape((None,))
         return tf.cast(xb, tf.float32), yb
 
+    ds = tf.data.Dataset.range(len(x))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import math
 import shutil
 import sys
 import time
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, plots
+from . import __version__, data, distribute, plots
 from .errors import DataError, SimpleCNNError
 from .export import write_tflite
 from .files import ensure_writable_dir, write_json
 from .model import build_model, check_model_path, save_model
-from .quiet import import_keras
+from .quiet import import_keras, import_tensorflow
 
 
 @dataclass
@@ -37,21 +38,26 @@ class TrainConfig:
     test_split: float = 0.15
     seed: int = 42
     augment: bool = True
+    distribute: str = "none"  # none, auto, mirrored or multiworker (see distribute.py)
+    mixed_precision: bool = False  # mixed_float16 on GPUs; no effect on CPUs
 
 
 HISTORY = "history.csv"
 BEST_WEIGHTS = "best.weights.h5"
 
 
-def training_dir(model_path: Path) -> Path:
-    """Where an unfinished run keeps its state: a hidden folder beside the model file."""
-    return model_path.parent / f".{model_path.name}.training"
+def training_dir(model_path: Path, suffix: str = "") -> Path:
+    """Where an unfinished run keeps its state: a hidden folder beside the model file.
+
+    ``suffix`` is "" except on multi-worker runs' non-chief workers (".worker1", ...).
+    """
+    return model_path.parent / f".{model_path.name}.training{suffix}"
 
 
 @contextlib.contextmanager
-def _exclusive(model_path: Path):
+def _exclusive(model_path: Path, suffix: str = ""):
     """Hold a lock for ``model_path``, so that two runs never train into the same state."""
-    lock_path = model_path.parent / f".{model_path.name}.lock"
+    lock_path = model_path.parent / f".{model_path.name}{suffix}.lock"
     with open(lock_path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,8 +68,8 @@ def _exclusive(model_path: Path):
         yield
 
 
-def _resume_or_start(model_path: Path, run: dict, fresh: bool, log) -> Path:
-    work = training_dir(model_path)
+def _resume_or_start(model_path: Path, run: dict, fresh: bool, log, suffix: str = "") -> Path:
+    work = training_dir(model_path, suffix)
     if work.exists():
         try:
             previous = json.loads((work / "run.json").read_text())
@@ -111,11 +117,13 @@ def train(dataset_path, model_path, images_dir, config: TrainConfig | None = Non
     """
     model_path = check_model_path(model_path)
     ensure_writable_dir(model_path.parent, "model")
-    with _exclusive(model_path):
-        return _train(Path(dataset_path), model_path, Path(images_dir), config or TrainConfig(), fresh, log)
+    config = config or TrainConfig()
+    suffix = distribute.worker_suffix(config.distribute)
+    with _exclusive(model_path, suffix):
+        return _train(Path(dataset_path), model_path, Path(images_dir), config, fresh, suffix, log)
 
 
-def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: TrainConfig, fresh: bool, log) -> dict:
+def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: TrainConfig, fresh: bool, suffix: str, log) -> dict:
     started = time.monotonic()
     images_dir = ensure_writable_dir(images_dir, "images")
     dataset = data.scan_dataset(dataset_path, config.val_split, config.test_split)
@@ -130,27 +138,54 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
         f"Dataset {dataset.root}: {len(dataset.class_names)} classes, {len(dataset.images)} images "
         f"(train {counts['train']}, validation {counts['val']}, test {counts['test']}, held out)"
     )
-    x_train, y_train = data.load_images(dataset, dataset.split("train"), image_size)
-    x_val, y_val = data.load_images(dataset, dataset.split("val"), image_size)
+    keras = import_keras()
+    tf = import_tensorflow()
+    cluster = distribute.make_cluster(config.distribute)
+    if cluster.workers > 1:
+        role = " (chief)" if cluster.is_chief else ""
+        log(f"Worker {cluster.worker_index} of {cluster.workers}{role}: reading its share of the files")
+    x_train, y_train = data.load_images(dataset, distribute.shard(dataset.split("train"), cluster), image_size)
+    x_val, y_val = data.load_images(dataset, distribute.shard(dataset.split("val"), cluster), image_size)
     if dataset.skipped:
         log(f"Warning: {dataset.skipped_summary()}")
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"no readable images left in the train or validation split of {dataset.root}")
 
-    keras = import_keras()
+    if config.mixed_precision:
+        if tf.config.list_physical_devices("GPU"):
+            keras.mixed_precision.set_global_policy("mixed_float16")  # the output layer stays float32
+            log("Mixed precision: float16 compute, float32 weights and outputs")
+        else:
+            log("Warning: --mixed_precision has no effect without a GPU; training in float32")
+    global_batch = config.batch_size * cluster.replicas
+    learning_rate = config.learning_rate * cluster.replicas
+    if cluster.kind != "none":
+        log(
+            f"Distributed ({cluster.kind}): {cluster.replicas} replicas on {cluster.workers} worker(s); "
+            f"batch {config.batch_size} per replica, {global_batch} in all; learning rate scaled to {learning_rate:g}"
+        )
     keras.utils.set_random_seed(config.seed)
-    model = build_model(len(dataset.class_names), image_size, augment=config.augment)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    run = {
+    with cluster.strategy.scope() if cluster.strategy else contextlib.nullcontext():
+        model = build_model(len(dataset.class_names), image_size, augment=config.augment)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    distribute.patch_keras_for_multiworker(model, cluster)
+    run = {  # what must match for a run to resume; --epochs may change (train longer)
         "dataset_path": str(dataset.root.resolve()),
         "class_names": dataset.class_names,
-        "config": asdict(config) | {"image_size": image_size},
+        "config": asdict(config) | {"image_size": image_size, "epochs": None},
     }
-    work = _resume_or_start(model_path, run, fresh, log)
+    work = _resume_or_start(model_path, run, fresh, log, suffix)
+    if not cluster.is_chief:
+        # Every worker resumes from the chief's state (on the shared models volume), as
+        # tf.keras' BackupAndRestore did: workers' own states can end one epoch apart.
+        shutil.rmtree(work / "backup", ignore_errors=True)
+        chief_backup = training_dir(model_path) / "backup"
+        if chief_backup.is_dir():
+            shutil.copytree(chief_backup, work / "backup")
     history = read_history(work / HISTORY)
     best_so_far = min(history["val_loss"]) if history.get("val_loss") else None
     callbacks = [
@@ -175,15 +210,35 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
     fit_started = time.monotonic()
     # Keras writes its progress to stdout; we keep stdout for results (and --json), so
     # it goes to stderr: a live progress bar in a terminal, one line per epoch in logs.
-    with contextlib.redirect_stdout(sys.stderr):
-        model.fit(
-            data.make_tf_dataset(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed),
-            validation_data=data.make_tf_dataset(x_val, y_val, config.batch_size),
-            epochs=config.epochs,
-            shuffle=False,  # the tf.data pipeline shuffles
-            callbacks=callbacks,
-            verbose=1 if sys.stderr.isatty() else 2,
-        )
+    in_graph = cluster.strategy is not None
+    train_ds = data.make_tf_dataset(x_train, y_train, global_batch, shuffle=True, seed=config.seed, in_graph=in_graph)
+    val_ds = data.make_tf_dataset(x_val, y_val, global_batch, in_graph=in_graph)
+    steps = {}
+    if cluster.strategy is not None:  # every worker runs the same number of steps
+        steps = {
+            "steps_per_epoch": math.ceil(counts["train"] / global_batch),
+            "validation_steps": math.ceil(counts["val"] / global_batch),
+        }
+        log(f"{steps['steps_per_epoch']} steps per epoch, {len(x_train)} training images on this worker")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            model.fit(
+                distribute.prepare_dataset(train_ds, cluster),
+                validation_data=distribute.prepare_dataset(val_ds, cluster),
+                epochs=config.epochs,
+                shuffle=False,  # the tf.data pipeline shuffles
+                callbacks=callbacks,
+                verbose=1 if sys.stderr.isatty() else 2,
+                **steps,
+            )
+    except tf.errors.OpError as e:
+        if cluster.kind != "multiworker":
+            raise
+        detail = (e.message or type(e).__name__).strip().splitlines()[0][:200]
+        raise SimpleCNNError(
+            f"multi-worker training failed ({type(e).__name__}: {detail}): if a worker was lost, start every "
+            "worker again with the same command to resume from the last completed epoch"
+        ) from None
     history = read_history(work / HISTORY)  # every epoch, including those before a resume
     try:
         with warnings.catch_warnings():  # the checkpoint holds no optimizer state; we need none
@@ -193,6 +248,19 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
         log("Warning: the best epoch's weights could not be read back; keeping the last epoch's")
     fit_seconds = time.monotonic() - fit_started
     best = int(np.argmin(history["val_loss"]))
+    if not cluster.is_chief:  # the chief writes the model, plots and metrics
+        shutil.rmtree(work, ignore_errors=True)
+        return {
+            "mode": "train",
+            "worker": cluster.worker_index,
+            "workers": cluster.workers,
+            "chief": False,
+            "images_used": {"train": int(len(x_train)), "val": int(len(x_val))},
+            "steps_per_epoch": steps.get("steps_per_epoch"),
+            "epochs_run": len(history["loss"]),
+            "train_seconds": round(fit_seconds, 1),
+            "wall_seconds": round(time.monotonic() - started, 1),
+        }
 
     summary = {
         "mode": "train",
@@ -209,6 +277,13 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
         "train_seconds": round(fit_seconds, 1),
         "config": asdict(config) | {"image_size": image_size},
         "model_file_path": str(model_path),
+        "distribute": {
+            "kind": cluster.kind,
+            "replicas": cluster.replicas,
+            "workers": cluster.workers,
+            "global_batch": global_batch,
+            "steps_per_epoch": steps.get("steps_per_epoch"),
+        },
     }
     metadata = {
         "class_names": dataset.class_names,
