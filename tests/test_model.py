@@ -104,3 +104,23 @@ def test_model_takes_raw_pixels_and_augments_only_in_training(small_model):
     np.testing.assert_allclose(a, b)
     np.testing.assert_allclose(a.sum(axis=1), 1, atol=1e-5)
     assert small_model.layers[1].name == "rescale"
+
+
+def test_time_budget_stops_before_an_epoch_would_overrun():
+    import time
+
+    from simple_cnn.train import time_budget
+
+    class FakeModel:
+        stop_training = False
+
+    tight, loose = FakeModel(), FakeModel()
+    callbacks = [time_budget(tight, minutes=0.004), time_budget(loose, minutes=10)]  # 0.24 s and 10 min
+    for epoch in range(2):
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch)
+        time.sleep(0.1)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch)
+    # After 2 epochs of 0.1 s, a third would end past 0.24 s: stop. Ten minutes: go on.
+    assert tight.stop_training and not loose.stop_training

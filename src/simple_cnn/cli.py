@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_file_path", default=d["model_file_path"], help="model file to write (train) or read; .keras or .h5")
     p.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per training step")
     p.add_argument("--epochs", type=int, default=d["epochs"], help="most epochs to train; early stopping may end sooner")
+    p.add_argument("--max_minutes", type=float, help="time budget for training: stop after the epoch that would overrun it")
     p.add_argument("--single_image_path", help="one image to classify (classify mode)")
     p.add_argument("--input_path", help="images to classify: a file, a folder (recursively) or a quoted glob")
     p.add_argument("--output", help="write classify results for --input_path to this .csv or .jsonl file")
@@ -109,6 +110,8 @@ def _check(args, parser) -> None:
         parser.error(f"--batch_size must be at least 1, not {args.batch_size}")
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, not {args.epochs}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max_minutes must be positive, not {args.max_minutes}")
     if args.top_k < 1:
         parser.error(f"--top_k must be at least 1, not {args.top_k}")
     if args.image_size is not None and not 16 <= args.image_size <= 1024:
@@ -152,6 +155,7 @@ def _run(args) -> dict:
             val_split=args.val_split,
             test_split=args.test_split,
             seed=args.seed,
+            max_minutes=args.max_minutes,
             distribute=args.distribute,
             mixed_precision=args.mixed_precision,
         )

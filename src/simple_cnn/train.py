@@ -38,6 +38,7 @@ class TrainConfig:
     test_split: float = 0.15
     seed: int = 42
     augment: bool = True
+    max_minutes: float | None = None  # stop after the epoch that would overrun this budget
     distribute: str = "none"  # none, auto, mirrored or multiworker (see distribute.py)
     mixed_precision: bool = False  # mixed_float16 on GPUs; no effect on CPUs
 
@@ -99,6 +100,25 @@ def read_history(path: Path) -> dict[str, list[float]]:
     ordered = [rows[e] for e in sorted(rows)]
     keys = [k for k in (ordered[0] if ordered else {}) if k != "epoch"]
     return {k: [float(r[k]) for r in ordered] for k in keys}
+
+
+def time_budget(model, minutes: float):
+    """A Keras callback that ends training before an epoch would overrun ``minutes``:
+    it stops when the time used plus the slowest epoch so far exceeds the budget.
+    (Keras has no time-limit callback, so it is a LambdaCallback.)"""
+    keras = import_keras()
+    clock = {"start": time.monotonic(), "epoch": 0.0, "slowest": 0.0}
+
+    def begin(epoch, logs=None):
+        clock["epoch"] = time.monotonic()
+
+    def end(epoch, logs=None):
+        now = time.monotonic()
+        clock["slowest"] = max(clock["slowest"], now - clock["epoch"])
+        if now - clock["start"] + clock["slowest"] > minutes * 60:
+            model.stop_training = True
+
+    return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
 
 
 def _log(message: str) -> None:
@@ -173,10 +193,10 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
             metrics=["accuracy"],
         )
     distribute.patch_keras_for_multiworker(model, cluster)
-    run = {  # what must match for a run to resume; --epochs may change (train longer)
+    run = {  # what must match for a run to resume; --epochs and --max_minutes may change
         "dataset_path": str(dataset.root.resolve()),
         "class_names": dataset.class_names,
-        "config": asdict(config) | {"image_size": image_size, "epochs": None},
+        "config": asdict(config) | {"image_size": image_size, "epochs": None, "max_minutes": None},
     }
     work = _resume_or_start(model_path, run, fresh, log, suffix)
     if not cluster.is_chief:
@@ -203,6 +223,8 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, config.patience // 2)),
         keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True),
     ]
+    if config.max_minutes:
+        callbacks.insert(0, time_budget(model, config.max_minutes))
     log(
         f"Training at {image_size}x{image_size} pixels, batch size {config.batch_size}, "
         f"up to {config.epochs} epochs (early stopping after {config.patience} without improvement)"

@@ -1,0 +1,223 @@
+"""Accuracy per CPU-minute: simple_cnn's default recipe against the TensorFlow tutorial CNN.
+
+Both train on the same stable split of the same dataset for the same wall-clock budget,
+each in a fresh process (so peak memory is its own), then are tested on the test split.
+
+    python bench/train_bench.py --dataset PATH --minutes N [--output bench/results/train.json]
+
+--dataset defaults to ../shared/datasets/flowers-dev when it exists. Prints a table (test
+accuracy, training images/s, seconds per epoch, peak RSS, forward FLOPs per image, and the
+achieved fraction of this machine's measured float32 matmul ceiling) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flowers-dev"
+
+
+def tutorial_cnn(num_classes: int, image_size: int):
+    """The baseline: https://www.tensorflow.org/tutorials/images/classification, with its
+    augmentation and dropout (its best published setting)."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 3)),
+            layers.RandomFlip("horizontal"),
+            layers.RandomRotation(0.1),
+            layers.RandomZoom(0.1),
+            layers.Rescaling(1.0 / 255),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Dropout(0.2),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(num_classes, activation="softmax"),
+        ]
+    )
+
+
+def forward_flops(model, image_size: int) -> float:
+    """Forward-pass FLOPs per image, counted by TensorFlow's profiler on the inference graph."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    fn = tf.function(lambda x: model(x, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, image_size, image_size, 3], tf.float32))
+    graph = convert_variables_to_constants_v2(concrete).graph
+    opts = option_builder.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    return float(model_analyzer.profile(graph, options=opts).total_float_ops)
+
+
+def matmul_gflops() -> float:
+    """This machine's practical float32 ceiling: a 4096x4096 matrix product, best of 5."""
+    import tensorflow as tf
+
+    a = tf.random.normal((4096, 4096))
+    b = tf.random.normal((4096, 4096))
+    tf.linalg.matmul(a, b).numpy()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        tf.linalg.matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096**3 / best / 1e9
+
+
+def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict:
+    """Train one recipe for ``minutes`` and test it (runs in its own process)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from simple_cnn import data
+    from simple_cnn.model import save_model
+    from simple_cnn.quiet import import_keras
+    from simple_cnn.train import TrainConfig, time_budget, train
+
+    keras = import_keras()
+    ds = data.scan_dataset(dataset)
+    if recipe == "simple_cnn":
+        started = time.monotonic()
+        summary = train(dataset, model_out, model_out.parent / "images", TrainConfig(max_minutes=minutes), log=lambda m: None)
+        image_size = summary["image_size"]
+        model = keras.models.load_model(model_out)
+        decode_seconds = summary["wall_seconds"] - summary["train_seconds"]
+        train_seconds, epochs = summary["train_seconds"], summary["epochs_run"]
+        n_train = summary["images_used"]["train"]
+        del started
+    else:
+        image_size = 180  # the tutorial's size
+        t = time.monotonic()
+        x, y = data.load_images(ds, ds.split("train"), image_size)
+        xv, yv = data.load_images(ds, ds.split("val"), image_size)
+        decode_seconds = time.monotonic() - t
+        keras.utils.set_random_seed(42)
+        model = tutorial_cnn(len(ds.class_names), image_size)
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        t = time.monotonic()
+        history = model.fit(
+            data.make_tf_dataset(x, y, 32, shuffle=True),
+            validation_data=data.make_tf_dataset(xv, yv, 32),
+            epochs=1000,
+            verbose=0,
+            callbacks=[time_budget(model, minutes)],
+        )
+        train_seconds, epochs, n_train = time.monotonic() - t, len(history.history["loss"]), len(x)
+        save_model(
+            model, model_out, {"class_names": ds.class_names, "image_size": image_size, "val_split": 0.15, "test_split": 0.15}
+        )
+    xt, yt = data.load_images(ds, ds.split("test"), image_size)
+    probabilities = model.predict(data.make_tf_dataset(xt, yt, 64), verbose=0)
+    flops = forward_flops(model, image_size)
+    return {
+        "recipe": recipe,
+        "image_size": image_size,
+        "epochs": epochs,
+        "train_images": n_train,
+        "test_images": int(len(yt)),
+        "test_accuracy": float((probabilities.argmax(1) == yt).mean()),
+        "train_seconds": round(train_seconds, 1),
+        "decode_seconds": round(decode_seconds, 1),
+        "seconds_per_epoch": round(train_seconds / epochs, 2),
+        "train_images_per_second": round(n_train * epochs / train_seconds, 1),
+        "forward_mflops_per_image": round(flops / 1e6, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET if DEFAULT_DATASET.is_dir() else None)
+    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per recipe")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train.json")
+    parser.add_argument("--run", choices=["simple_cnn", "tutorial"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--model_out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dataset is None:
+        sys.exit("give --dataset PATH (a folder of class folders)")
+    if args.run:
+        print(json.dumps(run_one(args.run, args.dataset, args.minutes, args.model_out)))
+        return
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    work = args.output.parent / "train_bench_models"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for recipe in ("simple_cnn", "tutorial"):
+        model_out = work / f"{recipe}.keras"
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--run",
+                recipe,
+                "--dataset",
+                str(args.dataset),
+                "--minutes",
+                str(args.minutes),
+                "--model_out",
+                str(model_out),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode != 0:
+            sys.exit(child.stderr[-3000:])
+        rows[recipe] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{recipe}: done", file=sys.stderr)
+
+    from simple_cnn.quiet import import_tensorflow
+
+    import_tensorflow()
+    ceiling = matmul_gflops()
+    for row in rows.values():
+        achieved = 3 * row["forward_mflops_per_image"] * 1e6 * row["train_images_per_second"] / 1e9  # fwd + 2x bwd
+        row["achieved_gflops"] = round(achieved, 1)
+        row["fraction_of_matmul_ceiling"] = round(achieved / ceiling, 3)
+
+    ours, base = rows["simple_cnn"], rows["tutorial"]
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "dataset": str(args.dataset),
+        "minutes_per_recipe": args.minutes,
+        "matmul_ceiling_gflops": round(ceiling, 1),
+        "results": rows,
+        "ratios_simple_cnn_over_tutorial": {
+            k: round(ours[k] / base[k], 2)
+            for k in ("test_accuracy", "train_images_per_second", "peak_rss_mb", "forward_mflops_per_image")
+        },
+    }
+    cols = [
+        ("test_accuracy", "test acc", ".3f"),
+        ("epochs", "epochs", "d"),
+        ("seconds_per_epoch", "s/epoch", ".1f"),
+        ("train_images_per_second", "img/s", ".0f"),
+        ("peak_rss_mb", "peak RSS MB", "d"),
+        ("forward_mflops_per_image", "MFLOPs/img", ".0f"),
+        ("fraction_of_matmul_ceiling", "of ceiling", ".1%"),
+    ]
+    print(f"{'recipe':11}" + "".join(f"{title:>13}" for _, title, _ in cols))
+    for name, row in rows.items():
+        print(f"{name:11}" + "".join(f"{row[key]:>13{fmt}}" for key, _, fmt in cols))
+    print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {args.minutes:g} min per recipe on {args.dataset}")
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
