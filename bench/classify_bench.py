@@ -23,54 +23,28 @@ import time
 from pathlib import Path
 
 
+def classify_cli(model: Path, *args: str) -> dict:
+    """Run `python -m simple_cnn --mode classify ... --json` in a fresh process; its JSON."""
+    command = [sys.executable, "-m", "simple_cnn", "--mode", "classify", "--model_file_path", str(model), *args, "--json"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(result.stderr)
+    return json.loads(result.stdout)
+
+
 def cold_start(model: Path, image: Path, repeats: int) -> list[float]:
-    """Wall seconds of `python -m simple_cnn --mode classify` for one image, each in a fresh process."""
+    """Wall seconds to classify one image, each time in a fresh process."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "simple_cnn",
-                "--mode",
-                "classify",
-                "--model_file_path",
-                str(model),
-                "--single_image_path",
-                str(image),
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-        )
+        classify_cli(model, "--single_image_path", str(image))
         times.append(time.perf_counter() - started)
-        if result.returncode != 0:
-            sys.exit(result.stderr)
     return times
 
 
 def throughput(model: Path, images: Path) -> dict:
     """Images per second of `--input_path FOLDER` (decode + predict), in a fresh process."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simple_cnn",
-            "--mode",
-            "classify",
-            "--model_file_path",
-            str(model),
-            "--input_path",
-            str(images),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        sys.exit(result.stderr)
-    out = json.loads(result.stdout)
+    out = classify_cli(model, "--input_path", str(images))
     return {"runtime": out["runtime"], "images": len(out["predictions"]), "images_per_second": out["images_per_second"]}
 
 

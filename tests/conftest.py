@@ -59,18 +59,34 @@ def shapes(tmp_path) -> Path:
     return make_shapes_dataset(tmp_path / "shapes", per_class=12)
 
 
-def run_cli(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m simple_cnn ARGS`` as a user would, in ``cwd``."""
+def _cli_env(extra: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     env.pop("TF_CONFIG", None)
+    return {**env, **(extra or {})}
+
+
+def run_cli(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m simple_cnn ARGS`` as a user would, in ``cwd``."""
     return subprocess.run(
         [sys.executable, "-m", "simple_cnn", *map(str, args)],
         cwd=cwd,
-        env=env,
+        env=_cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def start_cli(*args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m simple_cnn ARGS`` in the background, its output piped (for signals, clusters)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "simple_cnn", *map(str, args)],
+        cwd=cwd,
+        env=_cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import CLASSES, assert_one_line_error, make_shapes_dataset, run_cli, shape_image
+from conftest import CLASSES, assert_one_line_error, make_shapes_dataset, run_cli, shape_image, start_cli
 
 
 def _free_ports(n: int) -> list[int]:
@@ -33,29 +31,19 @@ def _start_workers(work: Path, ports: list[int], *args: str) -> list[subprocess.
     procs = []
     for index in range(len(ports)):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONUNBUFFERED": "1"}
-        env.pop("TF_CPP_MIN_LOG_LEVEL", None)
         procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "simple_cnn",
-                    "--mode",
-                    "train",
-                    "--dataset_path",
-                    "ds",
-                    "--distribute",
-                    "multiworker",
-                    "--batch_size",
-                    "8",
-                    *args,
-                ],
+            start_cli(
+                "--mode",
+                "train",
+                "--dataset_path",
+                "ds",
+                "--distribute",
+                "multiworker",
+                "--batch_size",
+                "8",
+                *args,
                 cwd=work,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+                env={"TF_CONFIG": json.dumps(tf_config)},
             )
         )
     return procs

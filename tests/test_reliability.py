@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import assert_one_line_error, bomb_png, make_shapes_dataset, run_cli, shape_image
+from conftest import assert_one_line_error, bomb_png, make_shapes_dataset, run_cli, shape_image, start_cli
 from simple_cnn import data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,30 +288,8 @@ def test_images_folder_that_cannot_be_written_is_one_clear_line(tmp_path):
 # ---------------------------------------------------------------- interrupted runs
 
 
-def _start_training(work: Path, *extra) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "simple_cnn",
-            "--mode",
-            "train",
-            "--dataset_path",
-            "ds",
-            "--epochs",
-            "4",
-            "--batch_size",
-            "6",
-            "--json",
-            *extra,
-        ],
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _start_training(work: Path) -> subprocess.Popen:
+    return start_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "4", "--batch_size", "6", "--json", cwd=work)
 
 
 def _wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:

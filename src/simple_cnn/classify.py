@@ -10,7 +10,10 @@ Two runtimes give the same answers (a test checks they agree within 1e-3):
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
+import json
 import os
 import sys
 import time
@@ -21,6 +24,7 @@ import numpy as np
 
 from . import data
 from .errors import DataError
+from .files import atomic_output
 from .model import load_model, read_metadata
 from .quiet import c_noise_hidden
 
@@ -173,3 +177,21 @@ def classify(image_path, model_path, top_k: int = 3, log=_log) -> dict:
         "probability": top[0]["probability"],
         "top_k": top,
     }
+
+
+def write_predictions(result: dict, path: Path) -> None:
+    """Write :func:`classify_many`'s predictions to ``path``, atomically: CSV
+    (``file,class,probability,top_k`` with top_k as ``class:p;class:p``) or JSON lines."""
+    if path.suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result["predictions"])
+    else:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["file", "class", "probability", "top_k"])
+        for r in result["predictions"]:
+            top = ";".join(f"{t['class']}:{t['probability']:.4f}" for t in r["top_k"])
+            writer.writerow([r["image"], r["class"], f"{r['probability']:.4f}", top])
+        text = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

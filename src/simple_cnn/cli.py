@@ -175,38 +175,15 @@ def _run(args) -> dict:
         from .export import export
 
         return export(args.model_file_path, args.format)
-    from .classify import classify, classify_many
+    from .classify import classify, classify_many, write_predictions
 
     if args.single_image_path:
         return classify(args.single_image_path, args.model_file_path, args.top_k)
     result = classify_many(args.input_path, args.model_file_path, args.top_k)
     if args.output:
-        _write_predictions(result, Path(args.output))
+        write_predictions(result, Path(args.output))
         result["output"] = args.output
     return result
-
-
-def _write_predictions(result: dict, path: Path) -> None:
-    import csv
-    import io
-
-    from .files import atomic_output
-
-    rows = result["predictions"]
-    if path.suffix == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    else:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["file", "class", "probability", "top_k"])
-        for r in rows:
-            top = ";".join(f"{t['class']}:{t['probability']:.4f}" for t in r["top_k"])
-            writer.writerow([r["image"], r["class"], f"{r['probability']:.4f}", top])
-        text = buf.getvalue()
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _print_human(result: dict) -> None:
