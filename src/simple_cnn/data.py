@@ -257,13 +257,14 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
     from .quiet import import_tensorflow
 
     tf = import_tensorflow()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)) if in_graph else tf.data.Dataset.range(len(x))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
     if in_graph:
         # uint8 batches, no map: the model casts its input. Under MultiWorkerMirroredStrategy
         # (TF 2.21, Keras 3.15) any map after batch fed wrong shapes from the second epoch on.
-        ds = tf.data.Dataset.from_tensor_slices((x, y))
-        if shuffle:
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size)
+        return ds
 
     def gather(idx):
         xb, yb = tf.numpy_function(lambda i: (x[i], y[i]), [idx], (tf.uint8, tf.int32), stateful=False)
@@ -271,10 +272,7 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
         yb.set_shape((None,))
         return tf.cast(xb, tf.float32), yb
 
-    ds = tf.data.Dataset.range(len(x))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def load_data(path, image_size: int | None = None, val_split: float = 0.15, test_split: float = 0.15):

@@ -43,7 +43,12 @@ def _tf_config() -> dict:
         config = json.loads(text) if text else {}
         tasks = config.get("cluster", {})
         task = config["task"]
-        return {"tasks": tasks, "type": task["type"], "index": int(task["index"])}
+        chiefs = len(tasks.get("chief", []))
+        return {
+            "workers": chiefs + len(tasks.get("worker", [])),
+            # one numbering for every task: the chief first, then the workers
+            "index": int(task["index"]) + (chiefs if task["type"] == "worker" else 0),
+        }
     except (ValueError, KeyError, TypeError):
         raise UsageError(
             'TF_CONFIG must be JSON like {"cluster": {"worker": ["host1:port", "host2:port"]}, '
@@ -66,11 +71,10 @@ def make_cluster(kind: str) -> Cluster:
     if not os.environ.get("TF_CONFIG"):
         raise UsageError("--distribute multiworker needs the TF_CONFIG environment variable on each worker (see README)")
     config = _tf_config()
-    chiefs = len(config["tasks"].get("chief", []))
-    workers = chiefs + len(config["tasks"].get("worker", []))
-    index = config["index"] + (chiefs if config["type"] == "worker" else 0)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    return Cluster("multiworker", strategy, strategy.num_replicas_in_sync, workers, index, index == 0)
+    return Cluster(
+        "multiworker", strategy, strategy.num_replicas_in_sync, config["workers"], config["index"], config["index"] == 0
+    )
 
 
 def worker_suffix(kind: str) -> str:
@@ -80,9 +84,7 @@ def worker_suffix(kind: str) -> str:
     """
     if kind != "multiworker" or not os.environ.get("TF_CONFIG"):
         return ""
-    config = _tf_config()
-    chiefs = len(config["tasks"].get("chief", []))
-    index = config["index"] + (chiefs if config["type"] == "worker" else 0)
+    index = _tf_config()["index"]
     return f".worker{index}" if index else ""
 
 
