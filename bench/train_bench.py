@@ -6,8 +6,10 @@ each in a fresh process (so peak memory is its own), then are tested on the test
     python bench/train_bench.py --dataset PATH --minutes N [--output bench/results/train.json]
 
 --dataset defaults to ../shared/datasets/flowers-dev when it exists. Prints a table (test
-accuracy, training images/s, seconds per epoch, peak RSS, forward FLOPs per image, and the
-achieved fraction of this machine's measured float32 matmul ceiling) and writes JSON.
+accuracy, training images/s, seconds per epoch, peak RSS, forward FLOPs per image, the
+achieved fraction of this machine's measured float32 matmul ceiling, and classify speed:
+cold start for one image and images/s for the whole dataset), the input pipeline's
+steady-state training speed against a feed from memory, and writes JSON.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from classify_bench import cold_start, throughput  # noqa: E402
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flowers-dev"
 
@@ -96,6 +102,7 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
         summary = train(dataset, model_out, model_out.parent / "images", TrainConfig(max_minutes=minutes), log=lambda m: None)
         image_size = summary["image_size"]
         model = keras.models.load_model(model_out)
+        train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         decode_seconds = summary["wall_seconds"] - summary["train_seconds"]
         train_seconds, epochs = summary["train_seconds"], summary["epochs_run"]
         n_train = summary["images_used"]["train"]
@@ -118,6 +125,7 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
             callbacks=[time_budget(model, minutes)],
         )
         train_seconds, epochs, n_train = time.monotonic() - t, len(history.history["loss"]), len(x)
+        train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         save_model(
             model, model_out, {"class_names": ds.class_names, "image_size": image_size, "val_split": 0.15, "test_split": 0.15}
         )
@@ -136,7 +144,59 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
         "seconds_per_epoch": round(train_seconds / epochs, 2),
         "train_images_per_second": round(n_train * epochs / train_seconds, 1),
         "forward_mflops_per_image": round(flops / 1e6, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(train_peak / 1024),  # the whole process, up to the end of training
+    }
+
+
+def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int = 30, rounds: int = 3) -> dict:
+    """Steady-state training images/s of our model fed three ways (runs in its own process):
+    ``memory`` repeats one batch already in memory as a float32 tensor (the ideal feed);
+    ``pipeline`` is our tf.data pipeline over the decoded uint8 cache in RAM (the default);
+    ``disk_cache`` is the same pipeline over the memory-mapped cache of ``--cache_dir``.
+    The feeds take turns, ``rounds`` times, and each keeps its best round."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from simple_cnn import data
+    from simple_cnn.model import build_model
+    from simple_cnn.quiet import import_keras, import_tensorflow
+
+    keras, tf = import_keras(), import_tensorflow()
+    ds = data.scan_dataset(dataset)
+    records = ds.split("train")
+    t = time.monotonic()
+    x, y = data.load_images(ds, records, image_size)
+    decode_seconds = time.monotonic() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        xd, yd = data.load_images(ds, records, image_size, Path(tmp))
+        keras.utils.set_random_seed(0)
+        model = build_model(len(ds.class_names), image_size)
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        batch = (tf.constant(x[:batch_size], tf.float32), tf.constant(y[:batch_size]))
+        feeds = {
+            "memory": lambda: tf.data.Dataset.from_tensors(batch).repeat(),
+            "pipeline": lambda: data.make_tf_dataset(x, y, batch_size, shuffle=True).repeat(),
+            "disk_cache": lambda: data.make_tf_dataset(xd, yd, batch_size, shuffle=True).repeat(),
+        }
+        model.fit(feeds["memory"](), steps_per_epoch=5, epochs=1, verbose=0)  # build and trace once
+        warmup = 5  # steps left out of the timing while the pipeline's buffers fill
+        clock = {}
+        timer = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda b, logs: clock.setdefault("start", time.perf_counter()) if b == warmup - 1 else None
+        )
+        best = dict.fromkeys(feeds, 0.0)
+        for _ in range(rounds):
+            for name, feed in feeds.items():
+                clock.clear()
+                model.fit(feed(), steps_per_epoch=warmup + steps, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+                best[name] = max(best[name], batch_size * steps / (time.perf_counter() - clock["start"]))
+    return {
+        "image_size": image_size,
+        "train_images": len(x),
+        "decode_seconds": round(decode_seconds, 1),
+        "decode_images_per_second": round(len(x) / decode_seconds, 1),
+        "cache_mb": round(x.nbytes / 2**20, 1),
+        **{f"{name}_images_per_second": round(v, 1) for name, v in best.items()},
+        "pipeline_over_memory": round(best["pipeline"] / best["memory"], 3),
+        "disk_cache_over_memory": round(best["disk_cache"] / best["memory"], 3),
     }
 
 
@@ -145,11 +205,15 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET if DEFAULT_DATASET.is_dir() else None)
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget per recipe")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train.json")
-    parser.add_argument("--run", choices=["simple_cnn", "tutorial"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--run", choices=["simple_cnn", "tutorial", "feeds"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--image_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dataset is None:
         sys.exit("give --dataset PATH (a folder of class folders)")
+    if args.run == "feeds":
+        print(json.dumps(run_feeds(args.dataset, args.image_size)))
+        return
     if args.run:
         print(json.dumps(run_one(args.run, args.dataset, args.minutes, args.model_out)))
         return
@@ -157,29 +221,30 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     work = args.output.parent / "train_bench_models"
     work.mkdir(parents=True, exist_ok=True)
+
+    def child(*flags) -> dict:  # one measurement in a fresh process: its own memory, no leftovers
+        out = subprocess.run([sys.executable, __file__, "--dataset", str(args.dataset), *flags], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(out.stderr[-3000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     rows = {}
     for recipe in ("simple_cnn", "tutorial"):
         model_out = work / f"{recipe}.keras"
-        child = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--run",
-                recipe,
-                "--dataset",
-                str(args.dataset),
-                "--minutes",
-                str(args.minutes),
-                "--model_out",
-                str(model_out),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if child.returncode != 0:
-            sys.exit(child.stderr[-3000:])
-        rows[recipe] = json.loads(child.stdout.strip().splitlines()[-1])
+        rows[recipe] = child("--run", recipe, "--minutes", str(args.minutes), "--model_out", str(model_out))
+        # Classifying with each trained model through our CLI: ours has its LiteRT copy;
+        # the tutorial's model has none, so it runs on Keras, as the tutorial does.
+        one_image = next(p for p in sorted(args.dataset.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        cold = cold_start(model_out, one_image, repeats=3)
+        batch = throughput(model_out, args.dataset)
+        rows[recipe] |= {
+            "classify_runtime": batch["runtime"],
+            "classify_cold_start_seconds": round(sorted(cold)[1], 2),  # the median of 3
+            "classify_images_per_second": batch["images_per_second"],
+        }
         print(f"{recipe}: done", file=sys.stderr)
+    feeds = child("--run", "feeds", "--image_size", str(rows["simple_cnn"]["image_size"]))
+    print("input pipeline: done", file=sys.stderr)
 
     from simple_cnn.quiet import import_tensorflow
 
@@ -199,8 +264,16 @@ def main() -> None:
         "results": rows,
         "ratios_simple_cnn_over_tutorial": {
             k: round(ours[k] / base[k], 2)
-            for k in ("test_accuracy", "train_images_per_second", "peak_rss_mb", "forward_mflops_per_image")
+            for k in (
+                "test_accuracy",
+                "train_images_per_second",
+                "peak_rss_mb",
+                "forward_mflops_per_image",
+                "classify_cold_start_seconds",
+                "classify_images_per_second",
+            )
         },
+        "input_pipeline": feeds,
     }
     cols = [
         ("test_accuracy", "test acc", ".3f"),
@@ -210,11 +283,22 @@ def main() -> None:
         ("peak_rss_mb", "peak RSS MB", "d"),
         ("forward_mflops_per_image", "MFLOPs/img", ".0f"),
         ("fraction_of_matmul_ceiling", "of ceiling", ".1%"),
+        ("classify_cold_start_seconds", "cold clf s", ".2f"),
+        ("classify_images_per_second", "clf img/s", ".0f"),
     ]
     print(f"{'recipe':11}" + "".join(f"{title:>13}" for _, title, _ in cols))
     for name, row in rows.items():
         print(f"{name:11}" + "".join(f"{row[key]:>13{fmt}}" for key, _, fmt in cols))
+    ratio = "  ".join(f"{k}: {v:g}" for k, v in report["ratios_simple_cnn_over_tutorial"].items())
+    print(f"simple_cnn / tutorial: {ratio}")
     print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {args.minutes:g} min per recipe on {args.dataset}")
+    print(
+        f"input pipeline at {feeds['image_size']}px, training images/s: from one in-memory batch "
+        f"{feeds['memory_images_per_second']:.0f}, our pipeline {feeds['pipeline_images_per_second']:.0f} "
+        f"({feeds['pipeline_over_memory']:.0%}), with --cache_dir {feeds['disk_cache_images_per_second']:.0f} "
+        f"({feeds['disk_cache_over_memory']:.0%}); decoding the JPEGs once: {feeds['decode_images_per_second']:.0f} images/s, "
+        f"cache {feeds['cache_mb']:.0f} MB"
+    )
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
 

@@ -28,6 +28,7 @@ def test_help_lists_every_flag_with_examples(tmp_path):
         "--val_split",
         "--test_split",
         "--top_k",
+        "--cache_dir",
         "--json",
         "--verbose",
     ):
@@ -108,6 +109,20 @@ def test_h5_model_file_works_end_to_end(tmp_path):
     result = run_cli("--mode", "classify", "--model_file_path", model, "--single_image_path", image, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["class"] in CLASSES
+
+
+def test_disk_cache_serves_train_and_test_modes(tmp_path):
+    make_shapes_dataset(tmp_path / "ds", per_class=15)
+    common = ("--dataset_path", "ds", "--cache_dir", "cache", "--json")
+    train = run_cli("--mode", "train", "--epochs", "2", *common, cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 2  # the train and validation splits
+    first = run_cli("--mode", "test", *common, cwd=tmp_path)
+    second = run_cli("--mode", "test", *common, cwd=tmp_path)  # from the cache
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 3  # and the test split
+    assert json.loads(first.stdout)["confusion_matrix"] == json.loads(second.stdout)["confusion_matrix"]
+    assert json.loads(first.stdout)["test_images"] > 0
 
 
 USAGE_ERRORS = [

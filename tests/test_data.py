@@ -94,6 +94,40 @@ def test_corrupt_files_are_skipped_and_counted_not_fatal(tmp_path):
     assert "4 unreadable files skipped" in ds.skipped_summary()
 
 
+def test_disk_cache_holds_the_same_pixels_and_is_reused(tmp_path, monkeypatch):
+    root = make_shapes_dataset(tmp_path / "ds", per_class=6)
+    (root / "square" / "truncated.jpg").write_bytes(_jpeg_bytes(np.random.default_rng(4))[:300])
+    cache = tmp_path / "cache"
+    in_memory = data.scan_dataset(root)
+    x_mem, y_mem = data.load_images(in_memory, in_memory.images, 24)
+
+    on_disk = data.scan_dataset(root)
+    x_disk, y_disk = data.load_images(on_disk, on_disk.images, 24, cache)
+    assert isinstance(x_disk, np.memmap) and not x_disk.flags.writeable
+    np.testing.assert_array_equal(x_disk, x_mem)
+    np.testing.assert_array_equal(y_disk, y_mem)
+    assert dict(on_disk.skipped) == dict(in_memory.skipped) and "square/truncated.jpg" in dict(on_disk.skipped)
+    pixel_files = list(cache.glob("*.u8"))
+    assert len(pixel_files) == 1 and pixel_files[0].stat().st_size == len(x_mem) * 24 * 24 * 3
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".u8"]  # no partial files left
+
+    def no_decoding(*args):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(data, "read_image", no_decoding)
+    again = data.scan_dataset(root)
+    x_again, _ = data.load_images(again, again.images, 24, cache)
+    np.testing.assert_array_equal(x_again, x_mem)
+    assert "square/truncated.jpg" in dict(again.skipped)  # still reported, from the cache's index
+    monkeypatch.undo()
+
+    shape_image("circle", np.random.default_rng(5)).save(root / "circle" / "circle_000.png")  # a changed file
+    changed = data.scan_dataset(root)
+    x_new, _ = data.load_images(changed, changed.images, 24, cache)
+    assert len(list(cache.glob("*.u8"))) == 2  # a new entry: the old one no longer matches
+    assert not np.array_equal(x_new, x_mem)
+
+
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb_png(20_000, 20_000))  # 400 megapixels declared, 100 bytes on disk

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per training step")
     p.add_argument("--epochs", type=int, default=d["epochs"], help="most epochs to train; early stopping may end sooner")
     p.add_argument("--max_minutes", type=float, help="time budget for training: stop after the epoch that would overrun it")
+    p.add_argument(
+        "--cache_dir",
+        help="keep decoded images in this folder on disk (memory-mapped) instead of in RAM, for datasets larger "
+        "than memory; later runs on the same files reuse it (train and test modes)",
+    )
     p.add_argument("--single_image_path", help="one image to classify (classify mode)")
     p.add_argument("--input_path", help="images to classify: a file, a folder (recursively) or a quoted glob")
     p.add_argument("--output", help="write classify results for --input_path to this .csv or .jsonl file")
@@ -159,7 +164,7 @@ def _run(args) -> dict:
             distribute=args.distribute,
             mixed_precision=args.mixed_precision,
         )
-        return train(dataset, args.model_file_path, args.images_dir, config, fresh=args.fresh)
+        return train(dataset, args.model_file_path, args.images_dir, config, fresh=args.fresh, cache_dir=args.cache_dir)
     if args.mode == "test":
         from .data import ensure_digits_dataset
         from .evaluate import evaluate
@@ -170,7 +175,7 @@ def _run(args) -> dict:
         else:
             trained_on = Path(read_metadata(args.model_file_path)["dataset_path"])
             dataset = trained_on if trained_on.is_dir() else ensure_digits_dataset(DEFAULT_DATASET)
-        return evaluate(dataset, args.model_file_path, args.images_dir, args.batch_size)
+        return evaluate(dataset, args.model_file_path, args.images_dir, args.batch_size, cache_dir=args.cache_dir)
     if args.mode == "export":
         from .export import export
 

@@ -15,6 +15,7 @@ Nothing here imports TensorFlow at module level, so classify and ``--help`` stay
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import DataError
-from .files import ensure_writable_dir
+from .files import ensure_writable_dir, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
@@ -214,35 +215,108 @@ def read_image(path: Path, image_size: int) -> np.ndarray:
         raise ValueError(_reason(e)) from None
 
 
-def load_images(dataset: Dataset, records: list[ImageRecord], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_images(
+    dataset: Dataset, records: list[ImageRecord], image_size: int, cache_dir: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``records`` in parallel into ``(x uint8 [N, S, S, 3], y int32 [N])``.
 
     This array is the training cache: uint8 at the training size, 1/4 of the memory
     of float32 and decoded once. Files that fail to decode are added to
     ``dataset.skipped`` and left out.
+
+    With ``cache_dir``, ``x`` is a read-only ``np.memmap`` of a file in that folder
+    instead of an array in RAM (see :func:`_cache_key`), for datasets larger than
+    memory: the operating system pages images in as batches need them. A later call
+    with the same files and size reuses the file and decodes nothing.
     """
-    x = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
-    y = np.empty((len(records),), dtype=np.int32)
+    if cache_dir is None:
+        x = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
+        errors = _decode_into(x, dataset.root, records, image_size)
+        keep = [i for i, error in enumerate(errors) if error is None]
+        if len(keep) < len(records):
+            x = x[keep]
+    else:
+        x, errors = _load_cached(Path(cache_dir), dataset.root, records, image_size)
+        keep = [i for i, error in enumerate(errors) if error is None]
+    for record, error in zip(records, errors):
+        if error is not None:
+            dataset.skipped.append((record.relpath, error))
+    y = np.array([records[i].label for i in keep], dtype=np.int32)
+    return x, y
+
+
+def _decode_into(x: np.ndarray, root: Path, records: list[ImageRecord], image_size: int) -> list[str | None]:
+    """Decode ``records`` into the rows of ``x``; return each one's error, or None."""
 
     def decode(i):
         try:
-            x[i] = read_image(dataset.root / records[i].relpath, image_size)
+            x[i] = read_image(root / records[i].relpath, image_size)
             return None
         except ValueError as e:
             return str(e)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # Pillow decodes without the GIL
-        errors = list(pool.map(decode, range(len(records))))
-    keep = []
-    for i, (record, error) in enumerate(zip(records, errors)):
-        if error is None:
-            y[i] = record.label
-            keep.append(i)
-        else:
-            dataset.skipped.append((record.relpath, error))
-    if len(keep) < len(records):
-        x, y = x[keep], y[keep]
-    return x, y
+        return list(pool.map(decode, range(len(records))))
+
+
+CACHE_VERSION = 1  # bump when read_image's output changes, so old caches are not reused
+
+
+def _cache_key(root: Path, records: list[ImageRecord], image_size: int) -> str:
+    """A name for the decoded cache of ``records``: it changes when any file, label or size does."""
+    h = hashlib.sha256(f"simple_cnn cache v{CACHE_VERSION}\0{root.resolve()}\0{image_size}".encode())
+    for r in records:
+        try:
+            st = os.stat(root / r.relpath)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(os.fsencode(r.relpath) + f"\0{r.label}\0{stamp}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _load_cached(cache_dir: Path, root: Path, records: list[ImageRecord], image_size: int):
+    """The disk cache behind ``load_images(..., cache_dir=...)``: ``(memmap, errors)``.
+
+    Two files per cache entry: ``KEY.u8`` (the pixels of the readable images, in order)
+    and ``KEY.json`` (which files failed, and why). Both are written under temporary
+    names and renamed into place, the JSON last, so an entry is complete or absent.
+    """
+    ensure_writable_dir(cache_dir, "cache")
+    key = _cache_key(root, records, image_size)
+    pixels, index = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
+    shape = (image_size, image_size, 3)
+    try:
+        errors = json.loads(index.read_text())["errors"]
+        count = sum(e is None for e in errors)
+        if len(errors) == len(records) and pixels.stat().st_size == count * int(np.prod(shape)):
+            return _open_memmap(pixels, count, shape), errors
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unusable: decode again
+    tmp = cache_dir / f".{key}.u8.partial-{os.getpid()}"
+    try:
+        x = np.memmap(tmp, np.uint8, "w+", shape=(max(1, len(records)), *shape))  # NumPy cannot map 0 bytes
+        errors = _decode_into(x, root, records, image_size)
+        count = 0
+        for i, error in enumerate(errors):  # move the readable images together (rows only move up)
+            if error is None:
+                if count != i:
+                    x[count] = x[i]
+                count += 1
+        x.flush()
+        del x
+        os.truncate(tmp, count * int(np.prod(shape)))
+        os.replace(tmp, pixels)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json(index, {"image_size": image_size, "files": [shown(r.relpath) for r in records], "errors": errors})
+    return _open_memmap(pixels, count, shape), errors
+
+
+def _open_memmap(path: Path, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    if count == 0:  # NumPy cannot map an empty file
+        return np.empty((0, *shape), dtype=np.uint8)
+    return np.memmap(path, np.uint8, "r", shape=(count, *shape))
 
 
 def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0, in_graph=False):

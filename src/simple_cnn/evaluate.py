@@ -12,12 +12,13 @@ from .files import ensure_writable_dir, write_json
 from .model import load_model, read_metadata
 
 
-def evaluate(dataset_path, model_path, images_dir, batch_size: int = 32) -> dict:
+def evaluate(dataset_path, model_path, images_dir, batch_size: int = 32, cache_dir=None) -> dict:
     """Evaluate ``model_path`` on the test split of ``dataset_path``.
 
     The split is recomputed from the settings stored in the model file, so it is the
     one training held out. Writes ``confusion_matrix.png``, ``examples_test_images.png``
-    and ``metrics.json`` to ``images_dir`` and returns the metrics.
+    and ``metrics.json`` to ``images_dir`` and returns the metrics. ``cache_dir``: as
+    in ``data.load_images``.
     """
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, log_loss
 
@@ -31,7 +32,7 @@ def evaluate(dataset_path, model_path, images_dir, batch_size: int = 32) -> dict
             f"those the model {model_path} was trained on ({', '.join(class_names)}): "
             "test on the dataset the model was trained on"
         )
-    x, y = data.load_images(dataset, dataset.split("test"), metadata["image_size"])
+    x, y = data.load_images(dataset, dataset.split("test"), metadata["image_size"], cache_dir)
     if len(x) == 0:
         raise DataError(
             f"the test split of {dataset.root} holds no readable images: add images or retrain with a larger --test_split"

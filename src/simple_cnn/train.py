@@ -125,7 +125,9 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train(dataset_path, model_path, images_dir, config: TrainConfig | None = None, fresh: bool = False, log=_log) -> dict:
+def train(
+    dataset_path, model_path, images_dir, config: TrainConfig | None = None, fresh: bool = False, log=_log, cache_dir=None
+) -> dict:
     """Train a model on ``dataset_path`` and save it to ``model_path``.
 
     Writes ``training_curves.png`` and ``examples_train_images.png`` to ``images_dir``
@@ -134,16 +136,19 @@ def train(dataset_path, model_path, images_dir, config: TrainConfig | None = Non
 
     An interrupted run (Ctrl-C, a kill, a crash) resumes from its last completed epoch
     when called again with the same dataset and settings; ``fresh=True`` starts over.
+    ``cache_dir`` keeps the decoded images on disk instead of in RAM (see ``data.load_images``).
     """
     model_path = check_model_path(model_path)
     ensure_writable_dir(model_path.parent, "model")
     config = config or TrainConfig()
     suffix = distribute.worker_suffix(config.distribute)
     with _exclusive(model_path, suffix):
-        return _train(Path(dataset_path), model_path, Path(images_dir), config, fresh, suffix, log)
+        return _train(Path(dataset_path), model_path, Path(images_dir), config, fresh, suffix, log, cache_dir)
 
 
-def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: TrainConfig, fresh: bool, suffix: str, log) -> dict:
+def _train(
+    dataset_path: Path, model_path: Path, images_dir: Path, config: TrainConfig, fresh: bool, suffix: str, log, cache_dir
+) -> dict:
     started = time.monotonic()
     images_dir = ensure_writable_dir(images_dir, "images")
     dataset = data.scan_dataset(dataset_path, config.val_split, config.test_split)
@@ -164,8 +169,8 @@ def _train(dataset_path: Path, model_path: Path, images_dir: Path, config: Train
     if cluster.workers > 1:
         role = " (chief)" if cluster.is_chief else ""
         log(f"Worker {cluster.worker_index} of {cluster.workers}{role}: reading its share of the files")
-    x_train, y_train = data.load_images(dataset, distribute.shard(dataset.split("train"), cluster), image_size)
-    x_val, y_val = data.load_images(dataset, distribute.shard(dataset.split("val"), cluster), image_size)
+    x_train, y_train = data.load_images(dataset, distribute.shard(dataset.split("train"), cluster), image_size, cache_dir)
+    x_val, y_val = data.load_images(dataset, distribute.shard(dataset.split("val"), cluster), image_size, cache_dir)
     if dataset.skipped:
         log(f"Warning: {dataset.skipped_summary()}")
     if len(x_train) == 0 or len(x_val) == 0:
