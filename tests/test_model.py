@@ -124,3 +124,28 @@ def test_time_budget_stops_before_an_epoch_would_overrun():
             cb.on_epoch_end(epoch)
     # After 2 epochs of 0.1 s, a third would end past 0.24 s: stop. Ten minutes: go on.
     assert tight.stop_training and not loose.stop_training
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
+    from simple_cnn.quiet import import_keras
+    from simple_cnn.train import learning_rate_schedule
+
+    keras = import_keras()
+
+    def rates(minutes):
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.5), loss="mse")
+        seen = []
+        record = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate)))
+        x = np.zeros((40, 2), "float32")
+        schedule = learning_rate_schedule(1.0, epochs=4, warmup=0.25, minutes=minutes)
+        model.fit(x, x[:, :1], batch_size=4, epochs=4, verbose=0, callbacks=[schedule, record])  # 10 steps an epoch
+        return np.array(seen)
+
+    by_epochs = rates(None)
+    assert len(by_epochs) == 40
+    np.testing.assert_allclose(by_epochs[:10], np.arange(10) / 10)  # linear warmup over the first quarter
+    assert by_epochs[10] == pytest.approx(1.0)  # the peak
+    assert np.all(np.diff(by_epochs[10:]) < 0) and by_epochs[-1] < 0.01  # cosine decay towards zero
+    by_clock = rates(1e-9)  # a budget already spent: the clock says training is over
+    assert np.all(by_clock < 1e-6)

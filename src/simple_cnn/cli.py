@@ -20,7 +20,7 @@ DEFAULTS = {  # kept here, not imported from train.py, so that --help needs no N
     "model_file_path": "models/cnn_model.keras",
     "images_dir": "images",
     "batch_size": 32,
-    "epochs": 30,
+    "epochs": 25,
     "val_split": 0.15,
     "test_split": 0.15,
     "seed": 42,
@@ -74,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model_file_path", default=d["model_file_path"], help="model file to write (train) or read; .keras or .h5")
     p.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per training step")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="most epochs to train; early stopping may end sooner")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=d["epochs"],
+        help="epochs to train; the learning rate decays to zero over them (early stopping may end sooner)",
+    )
     p.add_argument("--max_minutes", type=float, help="time budget for training: stop after the epoch that would overrun it")
     p.add_argument(
         "--cache_dir",
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["tflite", "savedmodel", "onnx"], help="export format (export mode)")
     p.add_argument("--images_dir", default=d["images_dir"], help="folder for plots and metrics.json")
     p.add_argument(
-        "--image_size", type=int, help="training image side in pixels (default: the median short side of the images, in 32-128)"
+        "--image_size", type=int, help="training image side in pixels (default: the median short side of the images, in 32-96)"
     )
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed for weights, shuffling and augmentation")
     p.add_argument("--val_split", type=float, default=d["val_split"], help="fraction of images for validation")

@@ -29,11 +29,12 @@ from .quiet import import_keras, import_tensorflow
 class TrainConfig:
     """Every training hyperparameter, in one place (the CLI flags map onto these)."""
 
-    epochs: int = 30  # an upper bound: early stopping usually ends training sooner
+    epochs: int = 25  # the learning rate decays to zero over these (about 10 minutes for flower_photos on 2 cores)
     batch_size: int = 32
-    image_size: int | None = None  # None: the median short side of the images, in [32, 128]
-    learning_rate: float = 1e-3
-    patience: int = 6  # epochs without a better validation loss before stopping
+    image_size: int | None = None  # None: the median short side of the images, in [32, 96]
+    learning_rate: float = 2e-3  # the peak, after a warmup; then cosine decay (see learning_rate_schedule)
+    warmup: float = 0.05  # the fraction of training spent warming the learning rate up
+    patience: int = 10  # epochs without a better validation loss before stopping early
     val_split: float = 0.15
     test_split: float = 0.15
     seed: int = 42
@@ -119,6 +120,39 @@ def time_budget(model, minutes: float):
             model.stop_training = True
 
     return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
+
+
+def learning_rate_schedule(peak: float, epochs: int, warmup: float, minutes: float | None = None):
+    """A Keras callback setting the learning rate before every step: a linear warmup to
+    ``peak`` over the first ``warmup`` of training, then a cosine decay to zero.
+
+    On this project's flower benchmark a cosine decay over a fixed number of epochs
+    beat Adam with ReduceLROnPlateau and early stopping by 4 points in the same time
+    (README, "Performance"). Keras' ``CosineDecay`` counts steps only; this callback
+    also follows ``--max_minutes``: progress is the larger of the epochs done and the
+    budget used, so a run cut short by its budget still ends at a small learning rate.
+    """
+    keras = import_keras()
+
+    class CosineWithWarmup(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started, self.epoch = time.monotonic(), 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch  # counts from the first epoch of a resumed run, too
+
+        def on_train_batch_begin(self, batch, logs=None):
+            progress = (self.epoch + batch / (self.params.get("steps") or 1)) / epochs
+            if minutes:
+                progress = max(progress, (time.monotonic() - self.started) / (minutes * 60))
+            progress = min(progress, 1.0)
+            if progress < warmup:
+                rate = peak * progress / warmup
+            else:
+                rate = peak * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+            self.model.optimizer.learning_rate.assign(rate)
+
+    return CosineWithWarmup()
 
 
 def _log(message: str) -> None:
@@ -225,14 +259,15 @@ def _train(
             initial_value_threshold=best_so_far,
         ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, config.patience // 2)),
+        learning_rate_schedule(learning_rate, config.epochs, config.warmup, config.max_minutes),
         keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True),
     ]
     if config.max_minutes:
         callbacks.insert(0, time_budget(model, config.max_minutes))
     log(
         f"Training at {image_size}x{image_size} pixels, batch size {config.batch_size}, "
-        f"up to {config.epochs} epochs (early stopping after {config.patience} without improvement)"
+        f"{config.epochs} epochs, learning rate warming up to {learning_rate:g} then decaying to zero "
+        f"(early stopping after {config.patience} epochs without improvement)"
     )
     fit_started = time.monotonic()
     # Keras writes its progress to stdout; we keep stdout for results (and --json), so
@@ -275,6 +310,12 @@ def _train(
         log("Warning: the best epoch's weights could not be read back; keeping the last epoch's")
     fit_seconds = time.monotonic() - fit_started
     best = int(np.argmin(history["val_loss"]))
+    # Keep 9 training images for the plot and let the decoded images go before saving
+    # and converting, which need memory of their own: the process peaks lower.
+    images_used = {"train": int(len(x_train)), "val": int(len(x_val))}
+    pick = np.random.default_rng(config.seed).choice(len(x_train), size=min(9, len(x_train)), replace=False)
+    examples, example_labels = x_train[pick], [dataset.class_names[y_train[i]] for i in pick]
+    del x_train, x_val, train_ds, val_ds
     if not cluster.is_chief:  # the chief writes the model, plots and metrics
         shutil.rmtree(work, ignore_errors=True)
         return {
@@ -282,7 +323,7 @@ def _train(
             "worker": cluster.worker_index,
             "workers": cluster.workers,
             "chief": False,
-            "images_used": {"train": int(len(x_train)), "val": int(len(x_val))},
+            "images_used": images_used,
             "steps_per_epoch": steps.get("steps_per_epoch"),
             "epochs_run": len(history["loss"]),
             "train_seconds": round(fit_seconds, 1),
@@ -294,7 +335,7 @@ def _train(
         "dataset_path": str(dataset.root),
         "class_names": dataset.class_names,
         "images": counts,
-        "images_used": {"train": int(len(x_train)), "val": int(len(x_val))},
+        "images_used": images_used,
         "skipped": [{"file": data.shown(p), "reason": r} for p, r in dataset.skipped],
         "image_size": image_size,
         "epochs_run": len(history["loss"]),
@@ -331,14 +372,7 @@ def _train(
         log(f"Warning: could not write the LiteRT copy of the model ({str(e).splitlines()[0] if str(e) else e!r})")
 
     plots.training_curves(history, images_dir / "training_curves.png")
-    rng = np.random.default_rng(config.seed)
-    pick = rng.choice(len(x_train), size=min(9, len(x_train)), replace=False)
-    plots.image_grid(
-        x_train[pick],
-        [dataset.class_names[y_train[i]] for i in pick],
-        images_dir / "examples_train_images.png",
-        "Training images",
-    )
+    plots.image_grid(examples, example_labels, images_dir / "examples_train_images.png", "Training images")
     summary["images_written"] = [str(images_dir / "training_curves.png"), str(images_dir / "examples_train_images.png")]
     shutil.rmtree(work, ignore_errors=True)  # done: nothing left to resume
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
