@@ -136,7 +136,9 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.Adam(0.5), loss="mse")
         seen = []
-        record = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate)))
+        record = keras.callbacks.LambdaCallback(
+            on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate))
+        )
         x = np.zeros((40, 2), "float32")
         schedule = learning_rate_schedule(1.0, epochs=4, warmup=0.25, minutes=minutes)
         model.fit(x, x[:, :1], batch_size=4, epochs=4, verbose=0, callbacks=[schedule, record])  # 10 steps an epoch

@@ -34,6 +34,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the median short side of the images, in [32, 96]
     learning_rate: float = 2e-3  # the peak, after a warmup; then cosine decay (see learning_rate_schedule)
     warmup: float = 0.05  # the fraction of training spent warming the learning rate up
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay: +1 point on flowers-dev over Adam (2 seeds)
     patience: int = 10  # epochs without a better validation loss before stopping early
     val_split: float = 0.15
     test_split: float = 0.15
@@ -126,9 +127,9 @@ def learning_rate_schedule(peak: float, epochs: int, warmup: float, minutes: flo
     """A Keras callback setting the learning rate before every step: a linear warmup to
     ``peak`` over the first ``warmup`` of training, then a cosine decay to zero.
 
-    On this project's flower benchmark a cosine decay over a fixed number of epochs
-    beat Adam with ReduceLROnPlateau and early stopping by 4 points in the same time
-    (README, "Performance"). Keras' ``CosineDecay`` counts steps only; this callback
+    In the tuning runs on flowers-dev (README, "Performance") a cosine decay over 34
+    epochs reached 0.740 accuracy where Adam at 1e-3 with ReduceLROnPlateau and early
+    stopping (our previous default) stopped at 0.697. Keras' ``CosineDecay`` counts steps only; this callback
     also follows ``--max_minutes``: progress is the larger of the epochs done and the
     budget used, so a run cut short by its budget still ends at a small learning rate.
     """
@@ -227,7 +228,7 @@ def _train(
     with cluster.strategy.scope() if cluster.strategy else contextlib.nullcontext():
         model = build_model(len(dataset.class_names), image_size, augment=config.augment)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
+            optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
