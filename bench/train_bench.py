@@ -148,7 +148,7 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
     }
 
 
-def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int = 30, rounds: int = 3) -> dict:
+def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int = 40, rounds: int = 4) -> dict:
     """Steady-state training images/s of our model fed three ways (runs in its own process):
     ``memory`` repeats one batch already in memory as a float32 tensor (the ideal feed);
     ``pipeline`` is our tf.data pipeline over the decoded uint8 cache in RAM (the default);

@@ -20,7 +20,7 @@ DEFAULTS = {  # kept here, not imported from train.py, so that --help needs no N
     "model_file_path": "models/cnn_model.keras",
     "images_dir": "images",
     "batch_size": 32,
-    "epochs": 25,
+    "epochs": 20,
     "val_split": 0.15,
     "test_split": 0.15,
     "seed": 42,
