@@ -289,7 +289,7 @@ def test_images_folder_that_cannot_be_written_is_one_clear_line(tmp_path):
 
 
 def _start_training(work: Path) -> subprocess.Popen:
-    return start_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "4", "--batch_size", "6", "--json", cwd=work)
+    return start_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "8", "--batch_size", "6", "--json", cwd=work)
 
 
 def _wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
@@ -308,8 +308,9 @@ def _wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
 
 @pytest.fixture
 def small_dataset(tmp_path):
-    # Enough images for about 20 steps per epoch: a signal sent after epoch 2 of 4 lands
-    # mid-training even on a busy machine.
+    # Enough images for about 20 steps per epoch: a signal sent after epoch 2 of 8 lands
+    # mid-training even on a busy machine (with 4 epochs, a test process starved for a
+    # few seconds once sent it after training had ended).
     make_shapes_dataset(tmp_path / "ds", per_class=60)
     return tmp_path
 
@@ -320,7 +321,7 @@ def small_dataset(tmp_path):
     ids=["SIGINT-resume", "SIGKILL-resume", "SIGTERM-fresh"],
 )
 def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code, fresh):
-    """Killed after 2 of 4 epochs, the same command resumes; with --fresh it starts over."""
+    """Killed after 2 of 8 epochs, the same command resumes; with --fresh it starts over."""
     work = small_dataset
     proc = _start_training(work)
     _wait_for_epochs(proc, 2)
@@ -333,18 +334,18 @@ def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code, f
         assert "Traceback" not in err
     assert not (work / "models" / "cnn_model.keras").exists()
 
-    args = ["--mode", "train", "--dataset_path", "ds", "--epochs", "4", "--batch_size", "6", "--json"]
+    args = ["--mode", "train", "--dataset_path", "ds", "--epochs", "8", "--batch_size", "6", "--json"]
     again = run_cli(*args, *(["--fresh"] if fresh else []), cwd=work)
     assert again.returncode == 0, again.stderr
     epochs_now = sum("val_loss" in ln for ln in again.stderr.splitlines())
     if fresh:
-        assert "Discarding the unfinished run" in again.stderr and epochs_now == 4
+        assert "Discarding the unfinished run" in again.stderr and epochs_now == 8
     else:
         resumed = re.search(r"Resuming the unfinished run after epoch (\d+)", again.stderr)
         assert resumed, again.stderr
         resumed_after = int(resumed.group(1))
-        assert resumed_after >= 2 and epochs_now <= 4 - resumed_after
-    assert json.loads(again.stdout)["epochs_run"] == 4  # the history spans both runs
+        assert resumed_after >= 2 and epochs_now <= 8 - resumed_after
+    assert json.loads(again.stdout)["epochs_run"] == 8  # the history spans both runs
     assert not (work / "models" / ".cnn_model.keras.training").exists()
 
 
