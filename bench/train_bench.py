@@ -5,7 +5,7 @@ each in a fresh process (so peak memory is its own), then are tested on the test
 
     python bench/train_bench.py --dataset PATH --minutes N [--output bench/results/train.json]
 
---dataset defaults to ../shared/datasets/flowers-dev when it exists. Prints a table (test
+--dataset is any folder of class folders (bench/README.md used flowers-dev). Prints a table (test
 accuracy, training images/s, seconds per epoch, peak RSS, forward FLOPs per image, the
 achieved fraction of this machine's measured float32 matmul ceiling, and classify speed:
 cold start for one image and images/s for the whole dataset), the input pipeline's
@@ -27,8 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from classify_bench import cold_start, throughput  # noqa: E402
-
-DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flowers-dev"
 
 
 def tutorial_cnn(num_classes: int, image_size: int):
@@ -91,7 +89,7 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
     """Train one recipe for ``minutes`` and test it (runs in its own process)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from simple_cnn import data
-    from simple_cnn.model import save_model
+    from simple_cnn.formats import save_model
     from simple_cnn.quiet import import_keras
     from simple_cnn.train import TrainConfig, time_budget, train
 
@@ -99,7 +97,7 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
     ds = data.scan_dataset(dataset)
     if recipe == "simple_cnn":
         started = time.monotonic()
-        summary = train(dataset, model_out, model_out.parent / "images", TrainConfig(max_minutes=minutes), log=lambda m: None)
+        summary = train(dataset, model_out, model_out.parent / "images", TrainConfig(max_minutes=minutes)).as_dict()
         image_size = summary["image_size"]
         model = keras.models.load_model(model_out)
         train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -202,7 +200,7 @@ def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET if DEFAULT_DATASET.is_dir() else None)
+    parser.add_argument("--dataset", type=Path, help="a folder of class folders")
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget per recipe")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train.json")
     parser.add_argument("--run", choices=["simple_cnn", "tutorial", "feeds"], help=argparse.SUPPRESS)  # child process

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from conftest import CLASSES, assert_one_line_error, run_cli, shape_image
 from simple_cnn import data
 from simple_cnn.classify import Predictor
-from simple_cnn.model import load_model, read_metadata
+from simple_cnn.formats import load_model, read_metadata, save_model
 
 
 @pytest.fixture(scope="module")
@@ -92,26 +93,24 @@ def test_litert_and_keras_agree(trained, new_images):
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
-def test_stale_litert_copy_falls_back_to_keras(trained, tmp_path):
+def test_stale_litert_copy_falls_back_to_keras(trained, tmp_path, caplog):
     work, _ = trained
     shutil.copy(work / "models" / "cnn_model.keras", tmp_path / "m.keras")
     shutil.copy(work / "models" / "cnn_model.tflite", tmp_path / "m.tflite")
     other = tmp_path / "other.keras"  # same network, another training run's metadata
     model, metadata = load_model(tmp_path / "m.keras")
-    from simple_cnn.model import save_model
-
     save_model(model, other, {**metadata, "trained_at": "another run"})
     shutil.copy(tmp_path / "m.tflite", tmp_path / "other.tflite")
-    notes = []
-    predictor = Predictor(other, read_metadata(other), log=notes.append)
+    with caplog.at_level(logging.WARNING, logger="simple_cnn"):
+        predictor = Predictor(other, read_metadata(other))
     assert predictor.runtime == "keras"
-    assert "not from the same training run" in notes[0]
+    assert "not from the same training run" in caplog.text
 
 
 def test_export_tflite_loads_back_with_labels(trained, new_images):
     from ai_edge_litert.interpreter import Interpreter
 
-    from simple_cnn.export import read_tflite_metadata
+    from simple_cnn.formats import read_tflite_metadata
 
     work, _ = trained
     result = run_cli("--mode", "export", "--format", "tflite", "--json", cwd=work)

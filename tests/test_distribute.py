@@ -133,7 +133,7 @@ def test_killed_worker_restarted_lets_the_job_finish(tmp_path):
     assert "Resuming the unfinished run after epoch" in results[0][2]
     summary_line = results[0][1]
     assert "Model saved to models/cnn_model.keras" in summary_line
-    from simple_cnn.model import load_model
+    from simple_cnn.formats import load_model
 
     model, metadata = load_model(work / "models" / "cnn_model.keras")
     assert metadata["training"]["epochs_run"] >= 3

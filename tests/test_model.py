@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from simple_cnn import formats
 from simple_cnn import model as model_lib
 from simple_cnn.errors import DataError, UsageError
 from simple_cnn.files import atomic_output
@@ -22,9 +23,9 @@ def small_model():
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_model_file_round_trip_keeps_metadata_and_predictions(tmp_path, small_model, suffix):
     path = tmp_path / f"m{suffix}"
-    model_lib.save_model(small_model, path, METADATA)
-    assert model_lib.read_metadata(path) == METADATA
-    loaded, metadata = model_lib.load_model(path)
+    formats.save_model(small_model, path, METADATA)
+    assert formats.read_metadata(path) == METADATA
+    loaded, metadata = formats.load_model(path)
     assert metadata == METADATA
     x = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3)).astype(np.float32)
     expected = np.asarray(small_model(x, training=False))
@@ -34,7 +35,7 @@ def test_model_file_round_trip_keeps_metadata_and_predictions(tmp_path, small_mo
 
 def test_a_failed_save_leaves_the_previous_model_intact(tmp_path, small_model, monkeypatch):
     path = tmp_path / "m.keras"
-    model_lib.save_model(small_model, path, METADATA)
+    formats.save_model(small_model, path, METADATA)
     before = path.read_bytes()
 
     def broken_save(self, filepath, *a, **k):  # writes half a file, then dies
@@ -44,9 +45,9 @@ def test_a_failed_save_leaves_the_previous_model_intact(tmp_path, small_model, m
 
     monkeypatch.setattr(type(small_model), "save", broken_save)
     with pytest.raises(OSError):
-        model_lib.save_model(small_model, path, {**METADATA, "class_names": ["x", "y", "z"]})
+        formats.save_model(small_model, path, {**METADATA, "class_names": ["x", "y", "z"]})
     assert path.read_bytes() == before
-    assert model_lib.read_metadata(path) == METADATA
+    assert formats.read_metadata(path) == METADATA
     assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]
 
 
@@ -67,26 +68,26 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
 
 def test_bad_model_files_are_clear_errors(tmp_path, small_model):
     with pytest.raises(UsageError, match=r"\.keras"):
-        model_lib.check_model_path(tmp_path / "model.pt")
+        formats.check_model_path(tmp_path / "model.pt")
     with pytest.raises(DataError, match="train one first"):
-        model_lib.read_metadata(tmp_path / "missing.keras")
+        formats.read_metadata(tmp_path / "missing.keras")
 
     good = tmp_path / "good.keras"
-    model_lib.save_model(small_model, good, METADATA)
+    formats.save_model(small_model, good, METADATA)
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(DataError, match="corrupt or truncated"):
-        model_lib.read_metadata(truncated)
+        formats.read_metadata(truncated)
 
     not_a_model = tmp_path / "text.h5"
     not_a_model.write_text("hello")
     with pytest.raises(DataError, match="corrupt or truncated"):
-        model_lib.read_metadata(not_a_model)
+        formats.read_metadata(not_a_model)
 
     foreign = tmp_path / "foreign.keras"  # a Keras file not written by simple_cnn
     small_model.save(foreign)
     with pytest.raises(DataError, match="not saved by simple_cnn"):
-        model_lib.read_metadata(foreign)
+        formats.read_metadata(foreign)
 
     broken_weights = tmp_path / "broken.keras"  # metadata fine, weights damaged
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(broken_weights, "w") as dst:
@@ -94,7 +95,7 @@ def test_bad_model_files_are_clear_errors(tmp_path, small_model):
             payload = src.read(item)
             dst.writestr(item, payload[:100] if item.filename.endswith(".h5") else payload)
     with pytest.raises(DataError, match="cannot load the model"):
-        model_lib.load_model(broken_weights)
+        formats.load_model(broken_weights)
 
 
 def test_model_takes_raw_pixels_and_augments_only_in_training(small_model):

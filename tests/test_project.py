@@ -55,6 +55,29 @@ def test_compiled_requirements_match_their_in_file(name):
     assert all(re.search(r"--hash=sha256:[0-9a-f]{64}", block) for block in txt.read_text().split("==")[1:])
 
 
+def test_package_dependencies_admit_the_locked_versions():
+    """pyproject.toml's ranges (for `pip install .`) agree with requirements.txt's pins."""
+    import tomllib
+
+    declared = [Requirement(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    pins = _pins(REPO / "requirements.txt")
+    direct = {canonicalize_name(r.name) for r in _direct(REPO / "requirements.in")}
+    for req in declared:
+        key = canonicalize_name(req.name)
+        assert key in pins, f"{req.name} is a dependency in pyproject.toml but not locked in requirements.txt"
+        assert req.specifier.contains(pins[key][0]), f"pyproject.toml's {req} does not admit the locked {pins[key][0]}"
+    assert direct <= {canonicalize_name(r.name) for r in declared}, "requirements.in names a package pyproject.toml lacks"
+
+
+def test_lock_files_name_no_package_index():
+    """Lock files and their sources say how to recompile (scripts/lock), not where from."""
+    for path in [*REPO.glob("requirements*.in"), *REPO.glob("requirements*.txt"), REPO / "README.md"]:
+        text = path.read_text()
+        assert not re.search(r"--(extra-)?index-url|--find-links|https?://[^\s]*/simple", text), path.name
+    for txt in REPO.glob("requirements*.txt"):
+        assert "scripts/lock" in txt.read_text()[:400], f"{txt.name} was not compiled by scripts/lock"
+
+
 def test_gpu_requirements_differ_only_in_tensorflow():
     def names(infile):
         return {canonicalize_name(r.name): r for r in _direct(REPO / infile)}
@@ -73,7 +96,7 @@ def _tool(name: str) -> str | None:
 @pytest.mark.parametrize(
     "tool, args",
     [
-        ("shellcheck", ["download_datasets.sh", ".ci/run"]),
+        ("shellcheck", ["download_datasets.sh", ".ci/run", "scripts/lock"]),
         ("hadolint", ["--failure-threshold", "warning", "Dockerfile"]),
     ],
 )

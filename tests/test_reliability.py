@@ -225,7 +225,7 @@ def test_model_with_code_is_refused_not_run(small_model, tmp_path):
     marker = tmp_path / "code_ran"
     script = f"""
 import keras
-from simple_cnn.model import save_model
+from simple_cnn.formats import save_model
 i = keras.Input((24, 24, 3))
 x = keras.layers.Lambda(lambda t: (open({str(marker)!r}, "w").close(), t)[1])(i)
 o = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
@@ -361,18 +361,21 @@ def test_second_training_run_on_the_same_model_is_refused(small_dataset):
 
 SAVE_LOOP = """
 import sys, itertools
-from simple_cnn.model import build_model, save_model
+from simple_cnn.formats import save_model
+from simple_cnn.model import build_model
 path, tag = sys.argv[1], sys.argv[2]
 model = build_model(3, 16)
 meta = {"class_names": ["a", "b", "c"], "image_size": 16, "val_split": 0.15, "test_split": 0.15}
 print("ready", flush=True)
 for i in itertools.count():
     save_model(model, path, {**meta, "writer": tag, "round": i})
+    if i == 0:
+        print("saved", flush=True)
 """
 
 
 def _assert_loadable(path: Path) -> dict:
-    from simple_cnn.model import load_model
+    from simple_cnn.formats import load_model
 
     model, metadata = load_model(path)
     assert model.output_shape[-1] == 3
@@ -388,7 +391,10 @@ def test_kill_during_save_leaves_a_loadable_model(tmp_path):
             [sys.executable, "-c", SAVE_LOOP, str(path), f"k{attempt}"], stdout=subprocess.PIPE, text=True, env=env
         )
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(float(rng.uniform(0.2, 1.5)))
+        # Killed only after its first complete save: on a loaded machine one save can take
+        # longer than the random delay, and the file would still be the previous writer's.
+        assert proc.stdout.readline().strip() == "saved"
+        time.sleep(float(rng.uniform(0.0, 1.3)))
         proc.kill()
         proc.wait()
         assert _assert_loadable(path)["writer"] == f"k{attempt}"

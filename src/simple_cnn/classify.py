@@ -14,25 +14,23 @@ import csv
 import glob
 import io
 import json
-import os
-import sys
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from . import data
+from .config import DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError
 from .files import atomic_output
-from .model import load_model, read_metadata
+from .formats import load_model, read_metadata, read_tflite_metadata, tflite_path
 from .quiet import c_noise_hidden
+from .results import ClassifyManyResult, ClassifyResult
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256  # images decoded and predicted at a time: memory stays flat on any folder
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def find_inputs(input_path) -> list[Path]:
@@ -42,14 +40,7 @@ def find_inputs(input_path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = [
-            Path(folder) / f
-            for folder, dirs, files in os.walk(path)
-            for f in files
-            if not f.startswith(".")
-            and Path(f).suffix.lower() in data.IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in Path(folder).relative_to(path).parts)
-        ]
+        found = data.image_files(path)
         if not found:
             raise DataError(f"no images (.jpg, .png, .bmp, .gif, .webp) in the folder {path}")
         return sorted(found)
@@ -64,9 +55,7 @@ def find_inputs(input_path) -> list[Path]:
 class Predictor:
     """Probabilities for batches of uint8 images, from LiteRT when possible, else Keras."""
 
-    def __init__(self, model_path, metadata: dict, log=_log):
-        from .export import read_tflite_metadata, tflite_path
-
+    def __init__(self, model_path, metadata: dict):
         self.metadata = metadata
         lite = tflite_path(model_path)
         lite_metadata = read_tflite_metadata(lite) if lite.exists() else None
@@ -75,13 +64,13 @@ class Predictor:
 
             self.runtime = "litert"
             with c_noise_hidden():
-                self._interpreter = Interpreter(model_path=str(lite), num_threads=os.cpu_count() or 1)
+                self._interpreter = Interpreter(model_path=str(lite), num_threads=data.usable_cpus())
             self._input = self._interpreter.get_input_details()[0]["index"]
             self._output = self._interpreter.get_output_details()[0]["index"]
             self._batch = None
         else:
             if lite.exists():
-                log(f"Note: {lite} is not from the same training run as {model_path}; using the Keras model")
+                log.warning(f"{lite} is not from the same training run as {model_path}; using the Keras model")
             self.runtime = "keras"
             self._model, _ = load_model(model_path)
 
@@ -106,56 +95,45 @@ def _top(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[
     return [{"class": class_names[i], "probability": float(probabilities[i])} for i in order]
 
 
-def classify_many(input_path, model_path, top_k: int = 3, log=_log) -> dict:
+def classify_many(input_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k) -> ClassifyManyResult:
     """Classify every image named by ``input_path`` (file, folder or glob).
 
     Unreadable files are skipped and reported. Returns the predictions in file order,
     the skipped files, the runtime used and the throughput.
     """
+    ClassifyConfig(top_k=top_k)
     metadata = read_metadata(model_path)
     paths = find_inputs(input_path)
-    predictor = Predictor(model_path, metadata, log)
+    predictor = Predictor(model_path, metadata)
     size, names = metadata["image_size"], metadata["class_names"]
     started = time.monotonic()
     predictions, skipped = [], []
-
-    def decode(path):
-        try:
-            return data.read_image(path, size)
-        except ValueError as e:
-            return str(e)
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for start in range(0, len(paths), CHUNK):
-            chunk = paths[start : start + CHUNK]
-            decoded = list(pool.map(decode, chunk))
-            good = [(p, a) for p, a in zip(chunk, decoded) if not isinstance(a, str)]
-            skipped += [{"file": data.shown(str(p)), "reason": a} for p, a in zip(chunk, decoded) if isinstance(a, str)]
-            if not good:
-                continue
-            probabilities = predictor(np.stack([a for _, a in good]))
-            for (path, _), probs in zip(good, probabilities):
-                top = _top(probs, names, top_k)
-                predictions.append(
-                    {"image": data.shown(str(path)), "class": top[0]["class"], "probability": top[0]["probability"], "top_k": top}
-                )
+    for start in range(0, len(paths), CHUNK):
+        chunk = paths[start : start + CHUNK]
+        x, errors = data.decode_images(chunk, size)
+        skipped += [{"file": data.shown(str(p)), "reason": e} for p, e in zip(chunk, errors) if e is not None]
+        if len(x) == 0:
+            continue
+        good = [p for p, e in zip(chunk, errors) if e is None]
+        for path, probs in zip(good, predictor(x)):
+            top = _top(probs, names, top_k)
+            predictions.append(
+                {"image": data.shown(str(path)), "class": top[0]["class"], "probability": top[0]["probability"], "top_k": top}
+            )
     seconds = time.monotonic() - started
-    return {
-        "mode": "classify",
-        "model_file_path": str(model_path),
-        "runtime": predictor.runtime,
-        "predictions": predictions,
-        "skipped": skipped,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(len(predictions) / seconds, 1) if seconds > 0 else None,
-    }
+    return ClassifyManyResult(
+        model_file_path=str(model_path),
+        runtime=predictor.runtime,
+        predictions=predictions,
+        skipped=skipped,
+        seconds=round(seconds, 3),
+        images_per_second=round(len(predictions) / seconds, 1) if seconds > 0 else None,
+    )
 
 
-def classify(image_path, model_path, top_k: int = 3, log=_log) -> dict:
-    """Predict the class of the one image at ``image_path``.
-
-    Returns the top class with its probability and the ``top_k`` most likely classes.
-    """
+def classify(image_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k) -> ClassifyResult:
+    """Predict the class of the one image at ``image_path``: the ``top_k`` most likely classes."""
+    ClassifyConfig(top_k=top_k)
     image_path = Path(image_path)
     metadata = read_metadata(model_path)
     if not image_path.exists():
@@ -166,32 +144,25 @@ def classify(image_path, model_path, top_k: int = 3, log=_log) -> dict:
         pixels = data.read_image(image_path, metadata["image_size"])
     except ValueError as e:
         raise DataError(f"cannot read the image {image_path}: {e}") from None
-    predictor = Predictor(model_path, metadata, log)
+    predictor = Predictor(model_path, metadata)
     top = _top(predictor(pixels[None])[0], metadata["class_names"], top_k)
-    return {
-        "mode": "classify",
-        "image": str(image_path),
-        "model_file_path": str(model_path),
-        "runtime": predictor.runtime,
-        "class": top[0]["class"],
-        "probability": top[0]["probability"],
-        "top_k": top,
-    }
+    return ClassifyResult(image=str(image_path), model_file_path=str(model_path), runtime=predictor.runtime, top_k=top)
 
 
-def write_predictions(result: dict, path: Path) -> None:
+def write_predictions(result: ClassifyManyResult, path: Path) -> None:
     """Write :func:`classify_many`'s predictions to ``path``, atomically: CSV
     (``file,class,probability,top_k`` with top_k as ``class:p;class:p``) or JSON lines."""
     if path.suffix == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result["predictions"])
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.predictions)
     else:
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["file", "class", "probability", "top_k"])
-        for r in result["predictions"]:
+        for r in result.predictions:
             top = ";".join(f"{t['class']}:{t['probability']:.4f}" for t in r["top_k"])
             writer.writerow([r["image"], r["class"], f"{r['probability']:.4f}", top])
         text = buf.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    result.output = str(path)

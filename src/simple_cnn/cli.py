@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
+import types
 from pathlib import Path
 
+from .config import DEFAULT_DATASET, DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, SettingError, TrainConfig, flag_fields
 from .errors import SimpleCNNError, UsageError
 
-DEFAULT_DATASET = Path("datasets/digits")
-DEFAULTS = {  # kept here, not imported from train.py, so that --help needs no NumPy or Pillow
-    "model_file_path": "models/cnn_model.keras",
-    "images_dir": "images",
-    "batch_size": 32,
-    "epochs": 20,
-    "val_split": 0.15,
-    "test_split": 0.15,
-    "seed": 42,
-    "top_k": 3,
-}
+log = logging.getLogger("simple_cnn")
 
 EXAMPLES = """\
 examples:
@@ -58,6 +51,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _add_settings(group, config_class) -> None:
+    """One flag per field of ``config_class`` (see config.py), with its default and help."""
+    for f in flag_fields(config_class):
+        kind = f.type
+        if isinstance(kind, types.UnionType):  # e.g. int | None
+            kind = next(t for t in kind.__args__ if t is not type(None))
+        if kind is bool:
+            group.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            group.add_argument(
+                f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"]
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="simple-cnn",
@@ -65,75 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=_Formatter,
     )
-    d = DEFAULTS
     p.add_argument("--mode", required=True, choices=["train", "test", "classify", "export"], help="what to do")
     p.add_argument(
         "--dataset_path",
         help=f"dataset folder with one sub-folder per class (default: train uses the built-in digits in "
         f"{DEFAULT_DATASET}/; test uses the model's training dataset)",
     )
-    p.add_argument("--model_file_path", default=d["model_file_path"], help="model file to write (train) or read; .keras or .h5")
-    p.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per training step")
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=d["epochs"],
-        help="epochs to train; the learning rate decays to zero over them (early stopping may end sooner)",
-    )
-    p.add_argument("--max_minutes", type=float, help="time budget for training: stop after the epoch that would overrun it")
+    p.add_argument("--model_file_path", default=DEFAULT_MODEL, help="model file to write (train) or read; .keras or .h5")
+    p.add_argument("--images_dir", default=DEFAULT_IMAGES_DIR, help="folder for plots and metrics.json")
     p.add_argument(
         "--cache_dir",
         help="keep decoded images in this folder on disk (memory-mapped) instead of in RAM, for datasets larger "
         "than memory; later runs on the same files reuse it (train and test modes)",
     )
-    p.add_argument("--single_image_path", help="one image to classify (classify mode)")
-    p.add_argument("--input_path", help="images to classify: a file, a folder (recursively) or a quoted glob")
-    p.add_argument("--output", help="write classify results for --input_path to this .csv or .jsonl file")
-    p.add_argument("--format", choices=["tflite", "savedmodel", "onnx"], help="export format (export mode)")
-    p.add_argument("--images_dir", default=d["images_dir"], help="folder for plots and metrics.json")
-    p.add_argument(
-        "--image_size", type=int, help="training image side in pixels (default: the median short side of the images, in 32-96)"
-    )
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed for weights, shuffling and augmentation")
-    p.add_argument("--val_split", type=float, default=d["val_split"], help="fraction of images for validation")
-    p.add_argument("--test_split", type=float, default=d["test_split"], help="fraction of images held out for --mode test")
-    p.add_argument("--top_k", type=int, default=d["top_k"], help="how many classes classify lists")
-    p.add_argument(
-        "--distribute",
-        choices=["auto", "none", "mirrored", "multiworker"],
-        default="none",
-        help="train on several GPUs (mirrored) or machines (multiworker, configured by TF_CONFIG); "
-        "auto: mirrored when more than one GPU is visible",
-    )
-    p.add_argument("--mixed_precision", action="store_true", help="float16 compute on GPUs (no effect on CPUs)")
     p.add_argument("--fresh", action="store_true", help="train from scratch, discarding an interrupted run's saved progress")
+    _add_settings(p.add_argument_group("training (train mode; --batch_size also in test mode)"), TrainConfig)
+    classify = p.add_argument_group("classify mode")
+    classify.add_argument("--single_image_path", help="one image to classify")
+    classify.add_argument("--input_path", help="images to classify: a file, a folder (recursively) or a quoted glob")
+    classify.add_argument("--output", help="write classify results for --input_path to this .csv or .jsonl file")
+    _add_settings(classify, ClassifyConfig)
+    p.add_argument("--format", choices=["tflite", "savedmodel", "onnx"], help="export format (export mode)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--verbose", action="store_true", help="show TensorFlow's log messages")
+    p.add_argument("--verbose", action="store_true", help="debug messages, and TensorFlow's own log messages")
+    p.add_argument("--quiet", action="store_true", help="warnings and errors only (Keras' progress still shows)")
     return p
 
 
-def _check(args, parser) -> None:
-    """Flag checks argparse cannot express; all are usage errors (exit 2) before any work."""
-    from .model import check_model_path
+def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig]:
+    """Build the settings (their own checks, config.py) and check what argparse cannot
+    express; every problem is a usage error (exit 2) before any work."""
+    from .formats import check_model_path
 
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, not {args.batch_size}")
-    if args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, not {args.epochs}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max_minutes must be positive, not {args.max_minutes}")
-    if args.top_k < 1:
-        parser.error(f"--top_k must be at least 1, not {args.top_k}")
-    if args.image_size is not None and not 16 <= args.image_size <= 1024:
-        parser.error(f"--image_size must be between 16 and 1024 pixels, not {args.image_size}")
-    for flag in ("val_split", "test_split"):
-        value = getattr(args, flag)
-        if not 0 < value < 1:
-            parser.error(f"--{flag} must be a fraction between 0 and 1 (exclusive), not {value}")
-    if args.val_split + args.test_split >= 1:
-        parser.error(
-            f"--val_split + --test_split must be below 1 to leave images to train on, not {args.val_split + args.test_split:g}"
-        )
+    try:
+        train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in flag_fields(TrainConfig)})
+        classify_config = ClassifyConfig(**{f.name: getattr(args, f.name) for f in flag_fields(ClassifyConfig)})
+    except SettingError as e:
+        parser.error(e.as_flags())
     if args.mode == "classify" and not (args.single_image_path or args.input_path):
         parser.error("--mode classify needs --single_image_path IMAGE or --input_path FILE|FOLDER|GLOB")
     if args.single_image_path and args.input_path:
@@ -146,41 +121,34 @@ def _check(args, parser) -> None:
         parser.error("--distribute multiworker needs the TF_CONFIG environment variable on each worker (see README)")
     if args.mode == "export" and not args.format:
         parser.error("--mode export needs --format tflite|savedmodel|onnx")
+    if args.verbose and args.quiet:
+        parser.error("give --verbose or --quiet, not both")
     try:
         check_model_path(args.model_file_path)
     except UsageError as e:
         parser.error(str(e))
+    return train_config, classify_config
 
 
-def _run(args) -> dict:
+def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig):
+    """Run the mode; return its result (results.py)."""
     if args.mode == "train":
         from .data import ensure_digits_dataset
-        from .train import TrainConfig, train
+        from .train import train
 
-        dataset = Path(args.dataset_path) if args.dataset_path else ensure_digits_dataset(DEFAULT_DATASET)
-        config = TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            val_split=args.val_split,
-            test_split=args.test_split,
-            seed=args.seed,
-            max_minutes=args.max_minutes,
-            distribute=args.distribute,
-            mixed_precision=args.mixed_precision,
-        )
-        return train(dataset, args.model_file_path, args.images_dir, config, fresh=args.fresh, cache_dir=args.cache_dir)
+        dataset = Path(args.dataset_path) if args.dataset_path else ensure_digits_dataset(Path(DEFAULT_DATASET))
+        return train(dataset, args.model_file_path, args.images_dir, train_config, fresh=args.fresh, cache_dir=args.cache_dir)
     if args.mode == "test":
         from .data import ensure_digits_dataset
         from .evaluate import evaluate
-        from .model import read_metadata
+        from .formats import read_metadata
 
         if args.dataset_path:
             dataset = Path(args.dataset_path)
         else:
             trained_on = Path(read_metadata(args.model_file_path)["dataset_path"])
-            dataset = trained_on if trained_on.is_dir() else ensure_digits_dataset(DEFAULT_DATASET)
-        return evaluate(dataset, args.model_file_path, args.images_dir, args.batch_size, cache_dir=args.cache_dir)
+            dataset = trained_on if trained_on.is_dir() else ensure_digits_dataset(Path(DEFAULT_DATASET))
+        return evaluate(dataset, args.model_file_path, args.images_dir, train_config.batch_size, cache_dir=args.cache_dir)
     if args.mode == "export":
         from .export import export
 
@@ -188,59 +156,29 @@ def _run(args) -> dict:
     from .classify import classify, classify_many, write_predictions
 
     if args.single_image_path:
-        return classify(args.single_image_path, args.model_file_path, args.top_k)
-    result = classify_many(args.input_path, args.model_file_path, args.top_k)
+        return classify(args.single_image_path, args.model_file_path, classify_config.top_k)
+    result = classify_many(args.input_path, args.model_file_path, classify_config.top_k)
     if args.output:
         write_predictions(result, Path(args.output))
-        result["output"] = args.output
     return result
 
 
-def _print_human(result: dict) -> None:
-    mode = result["mode"]
-    if mode == "train" and not result.get("chief", True):
-        print(
-            f"Worker {result['worker']} of {result['workers']} done: {result['epochs_run']} epochs, "
-            f"{result['images_used']['train']} training images, {result['steps_per_epoch']} steps per epoch; "
-            "the chief saved the model"
-        )
-    elif mode == "train":
-        print(
-            f"Best epoch {result['best_epoch']} of {result['epochs_run']}: validation accuracy "
-            f"{result['best_val_accuracy']:.3f}, loss {result['best_val_loss']:.3f}"
-        )
-        print(
-            f"Images used: train {result['images_used']['train']}, validation {result['images_used']['val']}; "
-            f"test {result['images']['test']} held out for --mode test; {len(result['skipped'])} files skipped"
-        )
-        print(f"Model saved to {result['model_file_path']}")
-        print(f"Wrote {', '.join(result['images_written'])}")
-        print(f"Done in {result['wall_seconds']:.1f} s (training {result['train_seconds']:.1f} s)")
-    elif mode == "test":
-        skipped = len(result["skipped"])
-        print(f"Test split of {result['dataset_path']}: {result['test_images']} images, {skipped} files skipped")
-        print(f"Accuracy {result['accuracy']:.3f} (chance {result['chance_accuracy']:.3f}), loss {result['loss']:.3f}")
-        print(result["report"].rstrip())
-        print(f"Wrote {', '.join(result['images_written'])}")
-    elif mode == "export":
-        print(f"Exported {result['format']}: {', '.join(result['written'])}")
-    elif "predictions" in result:
-        if not result.get("output"):
-            for r in result["predictions"]:
-                top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
-                print(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}\t{top}")
-        for s in result["skipped"]:
-            print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
-        where = f", written to {result['output']}" if result.get("output") else ""
-        print(
-            f"Classified {len(result['predictions'])} images ({result['images_per_second']} images/s, "
-            f"{result['runtime']}){where}; {len(result['skipped'])} skipped",
-            file=sys.stderr,
-        )
-    else:
-        print(f"{result['image']}: {result['class']} (probability {result['probability']:.3f})")
-        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top_k"])
-        print(f"Top {len(result['top_k'])}: {top}")
+class _LogFormatter(logging.Formatter):
+    """Plain lines; warnings start with "Warning: "."""
+
+    def format(self, record):
+        text = super().format(record)
+        return f"Warning: {text}" if record.levelno == logging.WARNING else text
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """The ``simple_cnn`` logger writes plain lines to stderr: info by default, debug with
+    ``verbose``, warnings only with ``quiet``. (A notebook may configure it any other way.)"""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -248,16 +186,21 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    # `docker stop` and `kill` send SIGTERM: stop as cleanly as on Ctrl-C (temporary files
-    # removed, the training state of the last completed epoch kept for resuming).
+    # Ctrl-C, `docker stop` and `kill` (SIGINT, SIGTERM): stop as cleanly as on Ctrl-C
+    # (temporary files removed, the training state of the last completed epoch kept for
+    # resuming). SIGINT is set here too, not left to Python: a process started in the
+    # background by a non-interactive shell inherits SIGINT as "ignored", and Python
+    # then installs no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check(args, parser)
+    train_config, classify_config = _check(args, parser)
+    configure_logging(args.verbose, args.quiet)
     if not args.verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see quiet.py
     try:
-        result = _run(args)
+        result = _run(args, train_config, classify_config)
     except SimpleCNNError as e:
         print(f"simple-cnn: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -270,8 +213,10 @@ def main(argv=None) -> int:
         print(f"simple-cnn: interrupted{resume}", file=sys.stderr)
         return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
     if args.json:
-        result.pop("report", None)
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        _print_human(result)
+        print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
+        return 0
+    if text := result.human():
+        print(text)
+    for line in result.notes():
+        print(line, file=sys.stderr)
     return 0

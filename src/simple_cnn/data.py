@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .config import TrainConfig, check_splits
 from .errors import DataError
-from .files import ensure_writable_dir, write_json
+from .files import atomic_dir, atomic_output, ensure_writable_dir, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
@@ -36,7 +37,7 @@ MAX_PIXELS = 100_000_000
 SPLIT_SALT = b"simple_cnn split v1"
 SPLITS = ("train", "val", "test")
 # The automatic training size: the median short side of the images, within these bounds.
-AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 96  # 96: see the README's "Performance"
+AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 96  # 96: why, in bench/README.md
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check, at our limit
 
@@ -84,6 +85,10 @@ class Dataset:
         c = Counter(r.split for r in self.images)
         return {s: c.get(s, 0) for s in SPLITS}
 
+    def skipped_list(self) -> list[dict]:
+        """The skipped files as ``[{"file": ..., "reason": ...}]``, names safe to print."""
+        return [{"file": shown(p), "reason": why} for p, why in self.skipped]
+
     def skipped_summary(self, limit: int = 3) -> str:
         """e.g. '2 files skipped (cats/a.jpg: truncated image; ...)', or ''."""
         if not self.skipped:
@@ -125,7 +130,48 @@ def _reason(e: Exception) -> str:
     return "truncated file" if "truncated" in text.lower() else text
 
 
-def scan_dataset(root: Path, val_split: float = 0.15, test_split: float = 0.15) -> Dataset:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder``, recursively, in a stable order.
+
+    The one rule for what counts as an image file, for datasets and for classify:
+    hidden files and folders are ignored, and so are files without an image suffix.
+    Links to folders are not followed, so a link that loops never hangs the walk.
+    """
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(parent) / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return found
+
+
+def try_each(fn, items: list, threads: int | None = None) -> tuple[list, list[str | None]]:
+    """``fn(item)`` for every item on a thread pool: ``(results, errors)``.
+
+    A ValueError (our readers' "cannot use this file, because ...") becomes that item's
+    error and its result is None; anything else propagates. Pillow decodes without the
+    GIL, so threads use every core.
+    """
+
+    def attempt(item):
+        try:
+            return fn(item), None
+        except ValueError as e:
+            return None, str(e)
+
+    with ThreadPoolExecutor(max_workers=threads or usable_cpus()) as pool:
+        pairs = list(pool.map(attempt, items))
+    return [r for r, _ in pairs], [e for _, e in pairs]
+
+
+def scan_dataset(root: Path, val_split: float = TrainConfig.val_split, test_split: float = TrainConfig.test_split) -> Dataset:
     """Find the classes and images under ``root`` and check each image's header.
 
     Hidden files and folders and files without an image suffix are ignored; images
@@ -147,31 +193,18 @@ def scan_dataset(root: Path, val_split: float = 0.15, test_split: float = 0.15) 
         found = f"only {shown(class_names[0])!r}" if class_names else "none"
         raise DataError(f"dataset folder {root} needs at least two class sub-folders (found {found})")
 
-    candidates: list[tuple[str, int]] = []
-    for label, name in enumerate(class_names):
-        for folder, dirs, files in os.walk(root / name):  # does not follow folder links: no loops
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            rel = Path(folder).relative_to(root).as_posix()
-            candidates += [
-                (f"{rel}/{f}", label) for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
-            ]
-
-    def check(item):
-        try:
-            return _check_header(root / item[0])
-        except ValueError as e:
-            return str(e)
-
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        results = list(pool.map(check, candidates))
+    candidates = [
+        (path.relative_to(root).as_posix(), label) for label, name in enumerate(class_names) for path in image_files(root / name)
+    ]
+    # Header checks wait on the disk more than on the CPU: twice the threads.
+    sizes, errors = try_each(lambda item: _check_header(root / item[0]), candidates, threads=min(8, 2 * usable_cpus()))
 
     dataset = Dataset(root=root, class_names=class_names, images=[])
-    for (relpath, label), result in zip(candidates, results):
-        if isinstance(result, str):
-            dataset.skipped.append((relpath, result))
+    for (relpath, label), size, error in zip(candidates, sizes, errors):
+        if error is not None:
+            dataset.skipped.append((relpath, error))
         else:
-            split = split_of(relpath, val_split, test_split)
-            dataset.images.append(ImageRecord(relpath, label, split, result))
+            dataset.images.append(ImageRecord(relpath, label, split_of(relpath, val_split, test_split), size))
     per_class = Counter(r.label for r in dataset.images)
     empty = [shown(n) for i, n in enumerate(class_names) if per_class[i] == 0]
     if empty:
@@ -229,15 +262,12 @@ def load_images(
     memory: the operating system pages images in as batches need them. A later call
     with the same files and size reuses the file and decodes nothing.
     """
+    paths = [dataset.root / r.relpath for r in records]
     if cache_dir is None:
-        x = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
-        errors = _decode_into(x, dataset.root, records, image_size)
-        keep = [i for i, error in enumerate(errors) if error is None]
-        if len(keep) < len(records):
-            x = x[keep]
+        x, errors = decode_images(paths, image_size)
     else:
         x, errors = _load_cached(Path(cache_dir), dataset.root, records, image_size)
-        keep = [i for i, error in enumerate(errors) if error is None]
+    keep = [i for i, error in enumerate(errors) if error is None]
     for record, error in zip(records, errors):
         if error is not None:
             dataset.skipped.append((record.relpath, error))
@@ -245,18 +275,26 @@ def load_images(
     return x, y
 
 
-def _decode_into(x: np.ndarray, root: Path, records: list[ImageRecord], image_size: int) -> list[str | None]:
-    """Decode ``records`` into the rows of ``x``; return each one's error, or None."""
+def decode_images(paths: list[Path], image_size: int, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
+    """Decode ``paths`` in parallel: ``(x, errors)``, the readable images packed in order.
 
-    def decode(i):
-        try:
-            x[i] = read_image(root / records[i].relpath, image_size)
-            return None
-        except ValueError as e:
-            return str(e)
+    ``x`` is ``out`` (a preallocated ``(len(paths), S, S, 3)`` uint8 array, e.g. a memory
+    map) or a new array; it holds only the readable images, in order, so it is a view of
+    its first rows when files fail. ``errors[i]`` is why ``paths[i]`` failed, or None.
+    """
+    x = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8) if out is None else out
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # Pillow decodes without the GIL
-        return list(pool.map(decode, range(len(records))))
+    def decode_row(i):
+        x[i] = read_image(paths[i], image_size)
+
+    _, errors = try_each(decode_row, list(range(len(paths))))
+    count = 0
+    for i, error in enumerate(errors):  # pack the readable images together (rows only move up)
+        if error is None:
+            if count != i:
+                x[count] = x[i]
+            count += 1
+    return x[:count], errors
 
 
 CACHE_VERSION = 1  # bump when read_image's output changes, so old caches are not reused
@@ -293,22 +331,13 @@ def _load_cached(cache_dir: Path, root: Path, records: list[ImageRecord], image_
             return _open_memmap(pixels, count, shape), errors
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or unusable: decode again
-    tmp = cache_dir / f".{key}.u8.partial-{os.getpid()}"
-    try:
-        x = np.memmap(tmp, np.uint8, "w+", shape=(max(1, len(records)), *shape))  # NumPy cannot map 0 bytes
-        errors = _decode_into(x, root, records, image_size)
-        count = 0
-        for i, error in enumerate(errors):  # move the readable images together (rows only move up)
-            if error is None:
-                if count != i:
-                    x[count] = x[i]
-                count += 1
-        x.flush()
-        del x
+    with atomic_output(pixels) as tmp:
+        out = np.memmap(tmp, np.uint8, "r+", shape=(max(1, len(records)), *shape))  # NumPy cannot map 0 bytes
+        x, errors = decode_images([root / r.relpath for r in records], image_size, out=out)
+        count = len(x)
+        out.flush()
+        del out, x
         os.truncate(tmp, count * int(np.prod(shape)))
-        os.replace(tmp, pixels)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_json(index, {"image_size": image_size, "files": [shown(r.relpath) for r in records], "errors": errors})
     return _open_memmap(pixels, count, shape), errors
 
@@ -349,7 +378,9 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
     return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def load_data(path, image_size: int | None = None, val_split: float = 0.15, test_split: float = 0.15):
+def load_data(
+    path, image_size: int | None = None, val_split: float = TrainConfig.val_split, test_split: float = TrainConfig.test_split
+):
     """Load a folder-of-class-folders dataset like ``keras.datasets.mnist.load_data()``.
 
     Returns ``(x_train, y_train), (x_test, y_test)``: uint8 image arrays of shape
@@ -357,6 +388,7 @@ def load_data(path, image_size: int | None = None, val_split: float = 0.15, test
     training part holds the train and validation splits; the test part is the same
     test split that ``--mode test`` uses. ``image_size`` defaults to the automatic size.
     """
+    check_splits(val_split, test_split)
     dataset = scan_dataset(Path(path), val_split, test_split)
     size = image_size or auto_image_size(dataset)
     train = [r for r in dataset.images if r.split != "test"]
@@ -379,16 +411,10 @@ def ensure_digits_dataset(root: Path) -> Path:
 
     digits = load_digits()
     ensure_writable_dir(root.parent, "datasets")
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        folder = tmp / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        grey = Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8))  # 2-D uint8: mode "L"
-        grey.resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"digit_{i:04d}.png")
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another run wrote it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(root, replace=False) as tmp:  # another run may write it first: keep theirs
+        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+            folder = tmp / str(label)
+            folder.mkdir(exist_ok=True)
+            grey = Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8))  # 2-D uint8: mode "L"
+            grey.resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"digit_{i:04d}.png")
     return root

@@ -16,25 +16,99 @@ the chief (task ``chief``, else ``worker`` 0) alone writes the model, plots and 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import os
 import types
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .config import DISTRIBUTE_KINDS
+from .errors import SimpleCNNError, UsageError
 from .quiet import import_tensorflow
 
-KINDS = ("auto", "none", "mirrored", "multiworker")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Cluster:
+    """Where training runs. Every distribution detail of training is behind this class,
+    so that, on one machine (``kind == "none"``), each method is a no-op."""
+
     kind: str  # "none", "mirrored" or "multiworker"
     strategy: object | None  # a tf.distribute.Strategy, or None for the default
     replicas: int = 1
     workers: int = 1
     worker_index: int = 0
     is_chief: bool = True
+
+    def describe(self) -> list[str]:
+        """Lines for the log, before any work: which worker this is."""
+        if self.workers == 1:
+            return []
+        role = " (chief)" if self.is_chief else ""
+        return [f"Worker {self.worker_index} of {self.workers}{role}: reading its share of the files"]
+
+    def scale(self, batch_size: int, learning_rate: float) -> tuple[int, float]:
+        """The global batch and learning rate: ``--batch_size`` stays per replica, and the
+        learning rate scales with the global batch."""
+        global_batch, scaled = batch_size * self.replicas, learning_rate * self.replicas
+        if self.kind != "none":
+            log.info(
+                f"Distributed ({self.kind}): {self.replicas} replicas on {self.workers} worker(s); "
+                f"batch {batch_size} per replica, {global_batch} in all; learning rate scaled to {scaled:g}"
+            )
+        return global_batch, scaled
+
+    def shard(self, items: list) -> list:
+        """This worker's share of ``items``: every ``workers``-th item, from ``worker_index``."""
+        return items[self.worker_index :: self.workers]
+
+    def scope(self):
+        """Build and compile the model in this context."""
+        return self.strategy.scope() if self.strategy else contextlib.nullcontext()
+
+    @property
+    def in_graph(self) -> bool:
+        """Whether input pipelines must be pure TensorFlow (no Python functions)."""
+        return self.strategy is not None
+
+    def prepare_model(self, model) -> None:
+        patch_keras_for_multiworker(model, self)
+
+    def prepare_dataset(self, ds):
+        """A dataset each worker feeds itself (already sharded by files), repeated for fixed steps."""
+        if self.strategy is None:
+            return ds
+        tf = import_tensorflow()
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.repeat().with_options(options)
+
+    def fit_steps(self, train_images: int, val_images: int, global_batch: int) -> dict:
+        """``fit`` arguments: under a strategy, every worker runs the same number of steps."""
+        if self.strategy is None:
+            return {}
+        return {
+            "steps_per_epoch": math.ceil(train_images / global_batch),
+            "validation_steps": math.ceil(val_images / global_batch),
+        }
+
+    @contextlib.contextmanager
+    def failures(self):
+        """Turn a lost worker's TensorFlow error into one line that says how to resume."""
+        tf = import_tensorflow()
+        try:
+            yield
+        except tf.errors.OpError as e:
+            if self.kind != "multiworker":
+                raise
+            detail = (e.message or type(e).__name__).strip().splitlines()[0][:200]
+            raise SimpleCNNError(
+                f"multi-worker training failed ({type(e).__name__}: {detail}): if a worker was lost, start every "
+                "worker again with the same command to resume from the last completed epoch"
+            ) from None
 
 
 def _tf_config() -> dict:
@@ -67,7 +141,7 @@ def make_cluster(kind: str) -> Cluster:
         strategy = tf.distribute.MirroredStrategy()
         return Cluster("mirrored", strategy, replicas=strategy.num_replicas_in_sync)
     if kind != "multiworker":
-        raise UsageError(f"--distribute must be one of {', '.join(KINDS)}, not {kind}")
+        raise UsageError(f"--distribute must be one of {', '.join(DISTRIBUTE_KINDS)}, not {kind}")
     if not os.environ.get("TF_CONFIG"):
         raise UsageError("--distribute multiworker needs the TF_CONFIG environment variable on each worker (see README)")
     config = _tf_config()
@@ -86,21 +160,6 @@ def worker_suffix(kind: str) -> str:
         return ""
     index = _tf_config()["index"]
     return f".worker{index}" if index else ""
-
-
-def shard(items: list, cluster: Cluster) -> list:
-    """This worker's share of ``items``: every ``workers``-th item, from ``worker_index``."""
-    return items[cluster.worker_index :: cluster.workers]
-
-
-def prepare_dataset(ds, cluster: Cluster):
-    """A dataset each worker feeds itself (already sharded by files), repeated for fixed steps."""
-    if cluster.strategy is None:
-        return ds
-    tf = import_tensorflow()
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.repeat().with_options(options)
 
 
 def patch_keras_for_multiworker(model, cluster: Cluster) -> None:

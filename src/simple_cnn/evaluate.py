@@ -7,12 +7,20 @@ from pathlib import Path
 import numpy as np
 
 from . import data, plots
+from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
 from .errors import DataError
 from .files import ensure_writable_dir, write_json
-from .model import load_model, read_metadata
+from .formats import load_model, read_metadata
+from .results import TestResult
 
 
-def evaluate(dataset_path, model_path, images_dir, batch_size: int = 32, cache_dir=None) -> dict:
+def evaluate(
+    dataset_path,
+    model_path=DEFAULT_MODEL,
+    images_dir=DEFAULT_IMAGES_DIR,
+    batch_size: int = TrainConfig.batch_size,
+    cache_dir=None,
+) -> TestResult:
     """Evaluate ``model_path`` on the test split of ``dataset_path``.
 
     The split is recomputed from the settings stored in the model file, so it is the
@@ -44,34 +52,32 @@ def evaluate(dataset_path, model_path, images_dir, batch_size: int = 32, cache_d
     labels = list(range(len(class_names)))
     matrix = confusion_matrix(y, predicted, labels=labels)
 
-    metrics = {
-        "mode": "test",
-        "model_file_path": str(model_path),
-        "dataset_path": str(dataset.root),
-        "test_images": int(len(y)),
-        "skipped": [{"file": data.shown(p), "reason": r} for p, r in dataset.skipped],
-        "accuracy": float(accuracy_score(y, predicted)),
+    result = TestResult(
+        model_file_path=str(model_path),
+        dataset_path=str(dataset.root),
+        test_images=int(len(y)),
+        skipped=dataset.skipped_list(),
+        accuracy=float(accuracy_score(y, predicted)),
         # Cross-entropy from the same predictions: one pass over the test split, not a
         # second one through model.evaluate().
-        "loss": float(log_loss(y, probabilities, labels=labels)),
-        "chance_accuracy": float(np.bincount(y, minlength=len(labels)).max() / len(y)),
-        "class_names": class_names,
-        "per_class": classification_report(
-            y, predicted, labels=labels, target_names=class_names, output_dict=True, zero_division=0
-        ),
-        "report": classification_report(y, predicted, labels=labels, target_names=class_names, zero_division=0),
-        "confusion_matrix": matrix.tolist(),
-    }
-    plots.confusion_matrix(matrix, class_names, images_dir / "confusion_matrix.png")
-    pick = np.random.default_rng(0).choice(len(x), size=min(9, len(x)), replace=False)
-    plots.image_grid(
-        x[pick],
-        [f"true: {class_names[y[i]]}\npredicted: {class_names[predicted[i]]}" for i in pick],
-        images_dir / "examples_test_images.png",
-        "Test images",
+        loss=float(log_loss(y, probabilities, labels=labels)),
+        chance_accuracy=float(np.bincount(y, minlength=len(labels)).max() / len(y)),
+        class_names=class_names,
+        per_class=classification_report(y, predicted, labels=labels, target_names=class_names, output_dict=True, zero_division=0),
+        confusion_matrix=matrix.tolist(),
+        report=classification_report(y, predicted, labels=labels, target_names=class_names, zero_division=0),
     )
-    metrics["images_written"] = [
-        str(images_dir / name) for name in ("confusion_matrix.png", "examples_test_images.png", "metrics.json")
+    written = [
+        plots.confusion_matrix(matrix, class_names, images_dir / "confusion_matrix.png"),
+        plots.sample_grid(
+            x,
+            lambda i: f"true: {class_names[y[i]]}\npredicted: {class_names[predicted[i]]}",
+            images_dir / "examples_test_images.png",
+            "Test images",
+            seed=0,
+        ),
+        images_dir / "metrics.json",
     ]
-    write_json(images_dir / "metrics.json", metrics)
-    return metrics
+    result.images_written = [str(p) for p in written]
+    write_json(images_dir / "metrics.json", result.as_dict())
+    return result

@@ -1,6 +1,7 @@
 """Writing output files so that nothing the user had is ever lost.
 
-Every file simple_cnn writes (model, plots, metrics) goes through :func:`atomic_output`:
+Every file simple_cnn writes (model, plots, metrics, caches) goes through :func:`atomic_output`,
+and every folder (a SavedModel export, the digits dataset) through :func:`atomic_dir`:
 the content is written to a temporary file in the same folder and renamed over the
 target only when complete. ``os.replace`` is atomic on POSIX and Windows, so a reader
 (or a crash) sees either the old file or the new one, never half of one.
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +58,31 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success swap it in for ``path``.
+
+    The old folder (if any) stays whole until the new one is complete; on any error the
+    temporary folder is removed. ``replace=False`` keeps a folder that another process
+    put at ``path`` meanwhile, and discards ours. (Two renames, so a crash between them leaves the old
+    folder under a hidden ``.NAME.old-*`` name, never half of one.)
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+        if path.exists() and not replace:
+            return
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj) -> None:

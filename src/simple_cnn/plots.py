@@ -53,6 +53,14 @@ def image_grid(images, titles: list[str], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def sample_grid(images, title_of, path: Path, title: str, seed: int) -> Path:
+    """9 images picked at random (by ``seed``) from ``images``, titled ``title_of(index)``."""
+    import numpy as np
+
+    pick = np.random.default_rng(seed).choice(len(images), size=min(9, len(images)), replace=False)
+    return image_grid(images[pick], [title_of(i) for i in pick], path, title)
+
+
 def confusion_matrix(matrix, class_names: list[str], path: Path) -> Path:
     """scikit-learn's ConfusionMatrixDisplay, true classes down, predictions across."""
     size = max(5.0, 0.6 * len(class_names) + 3)

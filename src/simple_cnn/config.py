@@ -1,0 +1,112 @@
+"""Every setting of simple_cnn in one place: its default, its help text and its check.
+
+The dataclasses below are the Python API's configuration and the source of the command
+line: ``cli.py`` builds one flag per field from the field's metadata, so a default or a
+help text is written once. The checks live in ``__post_init__``, so a notebook's
+``TrainConfig(epochs=0)`` is refused just as ``--epochs 0`` is (a :class:`SettingError`,
+which the CLI turns into a usage error, exit 2).
+
+This module imports nothing heavy, so ``simple-cnn --help`` stays fast.
+"""
+
+from dataclasses import dataclass, field, fields
+
+from .errors import UsageError
+
+DEFAULT_DATASET = "datasets/digits"  # written from scikit-learn's digits on first use
+DEFAULT_MODEL = "models/cnn_model.keras"
+DEFAULT_IMAGES_DIR = "images"
+DISTRIBUTE_KINDS = ("none", "auto", "mirrored", "multiworker")
+
+
+class SettingError(UsageError):
+    """A setting outside its range. ``names`` are the fields at fault, ``problem`` says why."""
+
+    def __init__(self, names: tuple[str, ...], problem: str):
+        self.names, self.problem = names, problem
+        super().__init__(f"{' + '.join(names)} {problem}")
+
+    def as_flags(self) -> str:
+        """The same message naming command-line flags: ``--epochs must be ...``."""
+        return f"{' + '.join('--' + n for n in self.names)} {self.problem}"
+
+
+def setting(default, help: str, *, flag: bool = True, choices: tuple | None = None):
+    """A dataclass field with its help text; ``flag=False`` keeps it off the command line."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+def at_least(name: str, value, low) -> None:
+    if value < low:
+        raise SettingError((name,), f"must be at least {low}, not {value}")
+
+
+def fraction(name: str, value: float, *, zero_ok: bool = False) -> None:
+    if not (0 <= value < 1 if zero_ok else 0 < value < 1):
+        raise SettingError((name,), f"must be a fraction between 0 and 1 (exclusive), not {value}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training hyperparameter. ``TrainConfig()`` is the default recipe."""
+
+    epochs: int = setting(20, "epochs to train; the learning rate decays to zero over them (early stopping may end sooner)")
+    batch_size: int = setting(32, "images per training step (and per prediction batch in test mode)")
+    image_size: int | None = setting(
+        None, "training image side in pixels (default: the median short side of the images, in 32-96)"
+    )
+    learning_rate: float = setting(2e-3, "peak learning rate, reached after the warmup, then decayed to zero by a cosine")
+    warmup: float = setting(0.05, "fraction of training spent warming the learning rate up from zero")
+    weight_decay: float = setting(0.05, "AdamW's decoupled weight decay")
+    patience: int = setting(10, "epochs without a lower validation loss before training stops early")
+    val_split: float = setting(0.15, "fraction of images for validation (chooses the best epoch)")
+    test_split: float = setting(0.15, "fraction of images held out for --mode test")
+    seed: int = setting(42, "random seed for weights, shuffling and augmentation")
+    augment: bool = setting(True, "random flips, rotations, zooms and contrast in training", flag=False)
+    max_minutes: float | None = setting(None, "time budget for training: stop after the epoch that would overrun it")
+    distribute: str = setting(
+        "none",
+        "train on several GPUs (mirrored) or machines (multiworker, configured by TF_CONFIG); "
+        "auto: mirrored when more than one GPU is visible",
+        choices=DISTRIBUTE_KINDS,
+    )
+    mixed_precision: bool = setting(False, "float16 compute on GPUs (no effect on CPUs)")
+
+    def __post_init__(self):
+        at_least("epochs", self.epochs, 1)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("patience", self.patience, 1)
+        if self.image_size is not None and not 16 <= self.image_size <= 1024:
+            raise SettingError(("image_size",), f"must be between 16 and 1024 pixels, not {self.image_size}")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise SettingError(("learning_rate", "weight_decay"), "must be positive (the weight decay may be 0)")
+        fraction("warmup", self.warmup, zero_ok=True)
+        check_splits(self.val_split, self.test_split)
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise SettingError(("max_minutes",), f"must be positive, not {self.max_minutes}")
+        if self.distribute not in DISTRIBUTE_KINDS:
+            raise SettingError(("distribute",), f"must be one of {', '.join(DISTRIBUTE_KINDS)}, not {self.distribute}")
+
+
+def check_splits(val_split: float, test_split: float) -> None:
+    fraction("val_split", val_split)
+    fraction("test_split", test_split)
+    if val_split + test_split >= 1:
+        raise SettingError(
+            ("val_split", "test_split"), f"must be below 1 to leave images to train on, not {val_split + test_split:g}"
+        )
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """How classify mode answers."""
+
+    top_k: int = setting(3, "how many classes classify lists")
+
+    def __post_init__(self):
+        at_least("top_k", self.top_k, 1)
+
+
+def flag_fields(config_class) -> list:
+    """The fields of ``config_class`` that are command-line flags."""
+    return [f for f in fields(config_class) if f.metadata.get("flag", False)]

@@ -1,0 +1,233 @@
+"""Model files, in every format simple_cnn reads or writes, each describing itself.
+
+The class names, input size and split settings travel inside every file (the
+"metadata"), so classifying needs nothing but the file and an image:
+
+- ``.keras`` (recommended) and ``.h5``: what train mode writes and every mode reads.
+  Keras has no API for user metadata in a model file, so we add it ourselves: a JSON
+  member (``simple_cnn.json``) in the ``.keras`` zip archive, or a root attribute of the
+  ``.h5`` file. ``keras.models.load_model`` ignores both.
+- LiteRT (``cnn_model.tflite``, written beside the model by train mode): the metadata JSON
+  inside the flatbuffer's ``metadata`` list (name ``simple_cnn``), plus
+  ``cnn_model.labels.txt``. Classify uses it to start without TensorFlow.
+- SavedModel (``cnn_model_savedmodel/``): the ``serving_default`` signature takes encoded
+  images (JPEG, PNG, ...; TensorFlow Serving's REST API accepts them as
+  ``{"instances": [{"b64": "..."}]}``) and returns ``probabilities``, ``classes`` and
+  ``scores``; a ``pixels`` signature takes raw 0-255 RGB arrays. Labels are in the graph
+  and in ``assets/labels.txt``.
+- ONNX (``cnn_model.onnx``): converted by tf2onnx; the metadata JSON is in the model's
+  ``metadata_props`` (key ``simple_cnn``), plus ``cnn_model.labels.txt``.
+
+Every file is written atomically (``files.atomic_output``, ``files.atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+from .errors import DataError, UsageError
+from .files import atomic_dir, atomic_output
+from .quiet import import_keras, import_tensorflow
+
+MODEL_SUFFIXES = (".keras", ".h5")
+METADATA_MEMBER = "simple_cnn.json"  # an extra member of the .keras zip archive
+METADATA_ATTR = "simple_cnn_metadata"  # a root attribute of the .h5 file
+TFLITE_METADATA_NAME = "simple_cnn"
+TRAIN_HINT = "train one first: simple-cnn --mode train --dataset_path DATASET --model_file_path {path}"
+
+
+def check_model_path(path) -> Path:
+    """Refuse a model path whose suffix Keras cannot save to (a usage error)."""
+    path = Path(path)
+    if path.suffix not in MODEL_SUFFIXES:
+        raise UsageError(f"--model_file_path {path} must end in .keras (recommended) or .h5")
+    return path
+
+
+# ---------------------------------------------------------------- .keras and .h5
+
+
+def save_model(model, path, metadata: dict) -> None:
+    """Save ``model`` with ``metadata`` inside the file, atomically (see the module docstring)."""
+    path = check_model_path(path)
+    text = json.dumps(metadata, ensure_ascii=False)
+    with atomic_output(path) as tmp:
+        model.save(tmp)
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(METADATA_MEMBER, text)
+        else:
+            import h5py
+
+            with h5py.File(tmp, "a") as f:
+                f.attrs[METADATA_ATTR] = text
+
+
+def read_metadata(path) -> dict:
+    """The metadata inside a model file, read without importing TensorFlow."""
+    path = check_model_path(path)
+    if not path.is_file():
+        raise DataError(f"no model file at {path}: {TRAIN_HINT.format(path=path)}")
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                if METADATA_MEMBER not in archive.namelist():
+                    raise KeyError
+                text = archive.read(METADATA_MEMBER).decode("utf-8")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                text = f.attrs[METADATA_ATTR]
+        metadata = json.loads(text)
+        metadata["class_names"], metadata["image_size"]  # noqa: B018 (both must be there)
+    except KeyError:
+        raise DataError(f"{path} was not saved by simple_cnn (it holds no class names): {TRAIN_HINT.format(path=path)}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        kind = "Keras zip archive" if path.suffix == ".keras" else "HDF5 file"
+        raise DataError(f"{path} is not a readable {kind} ({str(e).splitlines()[0]}): is it corrupt or truncated?") from None
+    return metadata
+
+
+def load_model(path):
+    """Load a simple_cnn model file; return ``(keras_model, metadata)``.
+
+    Keras' safe mode stays on: a file that would run arbitrary code (a Lambda layer
+    holding Python bytecode) is refused, never executed.
+    """
+    metadata = read_metadata(path)
+    keras = import_keras()
+
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many kinds; all mean "this file is not usable"
+        text = str(e).strip()
+        if "arbitrary code execution" in text:
+            raise DataError(
+                f"refused to load {path}: it contains Python code (a Lambda layer), which could do anything "
+                "when loaded; simple_cnn loads only models without code"
+            ) from None
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise DataError(f"cannot load the model {path}: {first}") from None
+    size, classes = metadata["image_size"], len(metadata["class_names"])
+    if tuple(model.input_shape[1:]) != (size, size, 3) or model.output_shape[-1] != classes:
+        raise DataError(
+            f"{path} is inconsistent: its network takes {model.input_shape[1:]} and gives {model.output_shape[-1]} "
+            f"outputs, but its metadata says {size}x{size}x3 images and {classes} classes"
+        )
+    return model, metadata
+
+
+# ---------------------------------------------------------------- LiteRT, SavedModel, ONNX
+
+
+def tflite_path(model_path) -> Path:
+    return Path(model_path).with_suffix(".tflite")
+
+
+def labels_path(model_path) -> Path:
+    return Path(model_path).with_suffix(".labels.txt")
+
+
+@contextlib.contextmanager
+def _converter_quiet():
+    """TensorFlow's converters print pages of graph details to stdout and stderr."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def write_tflite(model, model_path, metadata: dict) -> Path:
+    """Convert ``model`` to LiteRT beside ``model_path``, with ``metadata`` inside."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    tf = import_tensorflow()
+    with _converter_quiet():
+        flat = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    tree = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
+    buffer = schema.BufferT()
+    buffer.data = list(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+    tree.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = TFLITE_METADATA_NAME
+    entry.buffer = len(tree.buffers) - 1
+    tree.metadata = [*(tree.metadata or []), entry]
+    path = tflite_path(model_path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(tree)))
+    return path
+
+
+def read_tflite_metadata(path) -> dict | None:
+    """simple_cnn's metadata inside a .tflite file, or None (no file, or none inside)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    try:
+        buf = Path(path).read_bytes()
+        model = schema.Model.GetRootAs(buf, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() and entry.Name().decode() == TFLITE_METADATA_NAME:
+                return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return None
+
+
+def write_labels(model_path, class_names) -> Path:
+    path = labels_path(model_path)
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    return path
+
+
+def write_savedmodel(model, model_path, metadata: dict) -> Path:
+    tf = import_tensorflow()
+    import keras
+
+    size, names = metadata["image_size"], metadata["class_names"]
+    labels = tf.constant(names)
+
+    def outputs(pixels):
+        p = model(pixels, training=False)
+        return {"probabilities": p, "classes": tf.gather(labels, tf.argmax(p, axis=1)), "scores": tf.reduce_max(p, axis=1)}
+
+    def decode(data):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+
+    def serve_bytes(image_bytes):
+        return outputs(tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve_bytes, [tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("pixels", outputs, [tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+    target = Path(model_path).with_name(Path(model_path).stem + "_savedmodel")
+    with atomic_dir(target) as tmp:  # the old export stays whole until the new one is complete
+        with _converter_quiet():
+            archive.write_out(str(tmp), verbose=False)
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / "labels.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        (tmp / "assets" / "simple_cnn.json").write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
+    return target
+
+
+def write_onnx(model, model_path, metadata: dict) -> Path:
+    tf = import_tensorflow()
+    import tf2onnx
+
+    size = metadata["image_size"]
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="image"),)
+    with _converter_quiet():
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "simple_cnn", json.dumps(metadata, ensure_ascii=False)
+    path = Path(model_path).with_suffix(".onnx")
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+    return path

@@ -1,0 +1,184 @@
+"""What each mode returns: small dataclasses, each with one JSON form and one human summary.
+
+``as_dict()`` is what ``--json`` prints (and what ``metrics.json`` holds); ``human()`` is
+the summary printed on stdout, and ``notes()`` the lines for stderr. Adding a field to a
+mode's result means touching this file and the function that fills it in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+
+@dataclass
+class Result:
+    mode: ClassVar[str] = ""
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, **asdict(self)}
+
+    def human(self) -> str:
+        raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """Lines for stderr (skipped files, throughput) that do not belong in the result."""
+        return []
+
+
+@dataclass
+class TrainResult(Result):
+    mode: ClassVar[str] = "train"
+    dataset_path: str
+    class_names: list[str]
+    images: dict[str, int]  # images per split, found by the scan
+    images_used: dict[str, int]  # images decoded and used, per split
+    skipped: list[dict]  # {"file", "reason"}
+    image_size: int
+    epochs_run: int
+    best_epoch: int
+    best_val_accuracy: float
+    best_val_loss: float
+    train_seconds: float
+    config: dict
+    model_file_path: str
+    distribute: dict
+    tflite_file_path: str | None = None
+    images_written: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def human(self) -> str:
+        return "\n".join(
+            [
+                f"Best epoch {self.best_epoch} of {self.epochs_run}: validation accuracy "
+                f"{self.best_val_accuracy:.3f}, loss {self.best_val_loss:.3f}",
+                f"Images used: train {self.images_used['train']}, validation {self.images_used['val']}; "
+                f"test {self.images['test']} held out for --mode test; {len(self.skipped)} files skipped",
+                f"Model saved to {self.model_file_path}",
+                f"Wrote {', '.join(self.images_written)}",
+                f"Done in {self.wall_seconds:.1f} s (training {self.train_seconds:.1f} s)",
+            ]
+        )
+
+
+@dataclass
+class WorkerResult(Result):
+    """A multi-worker run's non-chief worker: it trains, the chief saves."""
+
+    mode: ClassVar[str] = "train"
+    worker: int
+    workers: int
+    images_used: dict[str, int]
+    steps_per_epoch: int | None
+    epochs_run: int
+    train_seconds: float
+    wall_seconds: float
+    chief: bool = False
+
+    def human(self) -> str:
+        return (
+            f"Worker {self.worker} of {self.workers} done: {self.epochs_run} epochs, "
+            f"{self.images_used['train']} training images, {self.steps_per_epoch} steps per epoch; "
+            "the chief saved the model"
+        )
+
+
+@dataclass
+class TestResult(Result):
+    mode: ClassVar[str] = "test"
+    model_file_path: str
+    dataset_path: str
+    test_images: int
+    skipped: list[dict]
+    accuracy: float
+    loss: float
+    chance_accuracy: float  # the majority class's share: what always guessing it scores
+    class_names: list[str]
+    per_class: dict
+    confusion_matrix: list[list[int]]
+    report: str = field(default="", repr=False)  # scikit-learn's text report, for humans only
+    images_written: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = super().as_dict()
+        d.pop("report")
+        return d
+
+    def human(self) -> str:
+        return "\n".join(
+            [
+                f"Test split of {self.dataset_path}: {self.test_images} images, {len(self.skipped)} files skipped",
+                f"Accuracy {self.accuracy:.3f} (chance {self.chance_accuracy:.3f}), loss {self.loss:.3f}",
+                self.report.rstrip(),
+                f"Wrote {', '.join(self.images_written)}",
+            ]
+        )
+
+
+@dataclass
+class ClassifyResult(Result):
+    """One image's answer."""
+
+    mode: ClassVar[str] = "classify"
+    image: str
+    model_file_path: str
+    runtime: str  # "litert" or "keras"
+    top_k: list[dict]  # {"class", "probability"}, most likely first
+
+    def as_dict(self) -> dict:
+        top = self.top_k[0]
+        return {
+            "mode": self.mode,
+            "image": self.image,
+            "model_file_path": self.model_file_path,
+            "runtime": self.runtime,
+            "class": top["class"],
+            "probability": top["probability"],
+            "top_k": self.top_k,
+        }
+
+    def human(self) -> str:
+        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in self.top_k)
+        first = self.top_k[0]
+        return f"{self.image}: {first['class']} (probability {first['probability']:.3f})\nTop {len(self.top_k)}: {top}"
+
+
+@dataclass
+class ClassifyManyResult(Result):
+    """Many images' answers (a folder or a glob)."""
+
+    mode: ClassVar[str] = "classify"
+    model_file_path: str
+    runtime: str
+    predictions: list[dict]  # ClassifyResult.as_dict() without mode, model and runtime
+    skipped: list[dict]
+    seconds: float
+    images_per_second: float | None
+    output: str | None = None  # the --output file, when written
+
+    def human(self) -> str:
+        if self.output:
+            return ""
+        rows = []
+        for r in self.predictions:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
+            rows.append(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}\t{top}")
+        return "\n".join(rows)
+
+    def notes(self) -> list[str]:
+        where = f", written to {self.output}" if self.output else ""
+        return [f"skipped {s['file']}: {s['reason']}" for s in self.skipped] + [
+            f"Classified {len(self.predictions)} images ({self.images_per_second} images/s, "
+            f"{self.runtime}){where}; {len(self.skipped)} skipped"
+        ]
+
+
+@dataclass
+class ExportResult(Result):
+    mode: ClassVar[str] = "export"
+    format: str
+    model_file_path: str
+    written: list[str]
+
+    def human(self) -> str:
+        return f"Exported {self.format}: {', '.join(self.written)}"
