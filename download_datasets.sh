@@ -15,13 +15,17 @@ in datasets/ (default: all):
 
 Every download is verified before it is unpacked: flower_photos against its published
 SHA-256; the Animals archive, which has no published checksum, against the SHA-256
-recorded in datasets/.checksums on its first download. A dataset already present is
-not downloaded again; delete its folder to fetch it anew.
+recorded in datasets/.checksums on its first download (recorded only once that archive
+unpacked into a complete dataset). A dataset already present is not downloaded again;
+delete its folder to fetch it anew. Downloads are bounded in size and stop when they
+stall; redirects to plain http are refused; what a killed run left is cleaned up.
 
 Environment (for mirrors and tests):
   SIMPLE_CNN_DATASETS_BASE_URL  fetch <base>/flower_photos.tgz and
                                 <base>/animal-image-classification-dataset.zip instead
   SIMPLE_CNN_FLOWERS_SHA256     expected SHA-256 of flower_photos.tgz
+  SIMPLE_CNN_MAX_DOWNLOAD_MB    largest archive accepted, in MiB (default 4096)
+  SIMPLE_CNN_STALL_SECONDS      give up when under 1 KiB/s for this long (default 60)
   PYTHON                        Python with simple_cnn's requirements (default: .venv/bin/python, else python3)
 
 Exit codes: 0 done, 1 a download or verification failed (nothing half-done is left), 2 usage.
@@ -36,6 +40,8 @@ if [ -n "${SIMPLE_CNN_DATASETS_BASE_URL:-}" ]; then
   ANIMALS_URL=$SIMPLE_CNN_DATASETS_BASE_URL/animal-image-classification-dataset.zip
 fi
 FLOWERS_SHA256=${SIMPLE_CNN_FLOWERS_SHA256:-$FLOWERS_SHA256}
+MAX_MB=${SIMPLE_CNN_MAX_DOWNLOAD_MB:-4096}
+STALL_SECONDS=${SIMPLE_CNN_STALL_SECONDS:-60}
 
 say() { printf '%s\n' "$*"; }
 fail() { printf 'download_datasets.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -104,13 +110,21 @@ fetch() {
   say "$dest: downloading $url"
   # --fail: HTTP errors are errors. --retry-all-errors: a dropped or truncated transfer is
   # retried too (plain --retry covers only timeouts and 5xx), 3 times at most.
-  if ! curl --fail --location --silent --show-error --connect-timeout 20 \
-       --retry 3 --retry-delay 1 --retry-all-errors \
-       --output "$WORK/archive" "$url"; then
-    fail "$dest: download from $url failed; nothing was changed, run again later"
+  # --proto-redir =https: a redirect may only go to https. --speed-limit/--speed-time: a
+  # stalled transfer is given up. The size bound is --max-filesize for a declared size
+  # and, for a transfer that declares none, the file size limit of the subshell (ulimit).
+  if ! (
+    ulimit -f $((MAX_MB * 1024))  # bash counts in KiB
+    curl --fail --location --silent --show-error --connect-timeout 20 \
+      --proto-redir =https --max-filesize $((MAX_MB * 1048576)) \
+      --speed-limit 1024 --speed-time "$STALL_SECONDS" \
+      --retry 3 --retry-delay 1 --retry-all-errors \
+      --output "$WORK/archive" "$url"
+  ); then
+    fail "$dest: download from $url failed (an HTTP error, a stall, a redirect to plain http, or over $MAX_MB MiB); nothing was changed, run again later"
   fi
 
-  local actual recorded
+  local actual recorded record=""
   actual=$(sha256sum "$WORK/archive" | cut -d' ' -f1)
   if [ -n "$expected" ]; then
     [ "$actual" = "$expected" ] || fail "$dest: checksum mismatch (SHA-256 $actual, expected $expected): the download is damaged or not the published archive; nothing was changed"
@@ -121,8 +135,7 @@ fetch() {
       [ "$actual" = "$recorded" ] || fail "$dest: checksum mismatch (SHA-256 $actual, recorded $recorded in datasets/.checksums on the first download): the archive changed or is damaged; nothing was changed"
       say "$dest: SHA-256 matches the one recorded on the first download"
     else
-      say "$dest: no published checksum; recording SHA-256 $actual in datasets/.checksums to check later downloads"
-      printf '%s  %s  %s\n' "$actual" "$name" "$url" >> "$MANIFEST"
+      record=$actual  # written only once the dataset is in place: a bad first download is never pinned
     fi
   fi
 
@@ -141,6 +154,10 @@ fetch() {
   mv -T "$found" "$target"
   rm -rf -- "$WORK"
   WORK=""
+  if [ -n "$record" ]; then
+    say "$dest: no published checksum; recorded SHA-256 $record in datasets/.checksums to check later downloads"
+    printf '%s  %s  %s\n' "$record" "$name" "$url" >> "$MANIFEST"
+  fi
   say "$dest: ready in datasets/$dest ($(find "$target" -type f ! -name '.*' | wc -l) files)"
 }
 
@@ -166,6 +183,15 @@ done
 [ ${#choices[@]} -gt 0 ] || choices=(all)
 
 mkdir -p datasets models images
+# One run at a time; so what a killed run left (.download-*) can be removed safely.
+exec 9>"$ROOT/datasets/.download.lock"
+flock -n 9 || fail "another download_datasets.sh is running in $ROOT: wait for it to finish"
+for stale in "$ROOT"/datasets/.download-*; do
+  if [ -d "$stale" ]; then
+    say "removing $(basename "$stale"), left by an interrupted run"
+    rm -rf -- "$stale"
+  fi
+done
 for choice in "${choices[@]}"; do
   case $choice in
     all)

@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def run_cli(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProce
     )
 
 
-def start_cli(*args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+def start_cli(*args, cwd: Path, env: dict | None = None, preexec_fn=None) -> subprocess.Popen:
     """Start ``python -m simple_cnn ARGS`` in the background, its output piped (for signals, clusters)."""
     return subprocess.Popen(
         [sys.executable, "-m", "simple_cnn", *map(str, args)],
@@ -87,6 +88,7 @@ def start_cli(*args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -99,6 +101,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *words
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+def train_tiny_model(work: Path) -> Path:
+    """A model trained for one epoch at 24x24 pixels on a small shapes dataset in ``work``; its path."""
+    make_shapes_dataset(work / "ds", per_class=15)
+    result = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--image_size", "24", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "models" / "cnn_model.keras"
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +124,23 @@ def trained(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr
     return work, json.loads(result.stdout)
+
+
+def wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
+    """Read stderr until ``n`` epochs have ended (Keras prints one line per epoch)."""
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if sum("val_loss" in ln for ln in lines) >= n:
+            return lines
+    raise AssertionError(f"training did not reach epoch {n}: {''.join(lines)}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A barely trained model (1 epoch at 24x24 pixels): its answers are far from certain."""
+    return train_tiny_model(tmp_path_factory.mktemp("tiny"))

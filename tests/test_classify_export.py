@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import shutil
@@ -10,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import CLASSES, assert_one_line_error, run_cli, shape_image
+from conftest import CLASSES, assert_one_line_error, bomb_png, run_cli, shape_image
 from simple_cnn import data
 from simple_cnn.classify import Predictor
 from simple_cnn.formats import load_model, read_metadata, save_model
@@ -99,7 +100,8 @@ def test_stale_litert_copy_falls_back_to_keras(trained, tmp_path, caplog):
     shutil.copy(work / "models" / "cnn_model.tflite", tmp_path / "m.tflite")
     other = tmp_path / "other.keras"  # same network, another training run's metadata
     model, metadata = load_model(tmp_path / "m.keras")
-    save_model(model, other, {**metadata, "trained_at": "another run"})
+    other_copy = hashlib.sha256(b"another run's LiteRT copy").hexdigest()
+    save_model(model, other, {**metadata, "trained_at": "another run", "litert_sha256": other_copy})
     shutil.copy(tmp_path / "m.tflite", tmp_path / "other.tflite")
     with caplog.at_level(logging.WARNING, logger="simple_cnn"):
         predictor = Predictor(other, read_metadata(other))
@@ -142,6 +144,11 @@ def test_export_savedmodel_serves_raw_image_bytes(trained, new_images):
     np.testing.assert_allclose(pixels["probabilities"].numpy(), keras_model(x.astype(np.float32), training=False), atol=1e-4)
     labels = (work / "models" / "cnn_model_savedmodel" / "assets" / "labels.txt").read_text().split()
     assert labels == list(CLASSES)
+    # A decompression bomb, or bytes of no format it reads, is refused from its header,
+    # before anything is decoded.
+    for bad in (bomb_png(50_000, 50_000), b"GIF89a\xff\xff\xff\xff" + bytes(20), b"not an image"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="refused"):
+            served.signatures["serving_default"](image_bytes=tf.constant([bad]))
 
 
 def test_export_onnx_predicts_the_same_classes(trained, new_images):

@@ -163,3 +163,28 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, trained):
     other = make_shapes_dataset(tmp_path / "other", per_class=3)
     shutil.move(other / "square", other / "box")
     assert_one_line_error(run_cli("--mode", "test", "--dataset_path", other, cwd=work), 1, "differ")
+
+
+@pytest.mark.parametrize(
+    "settings, word",
+    [({"epochs": 0}, "epochs"), ({"val_split": 0.6, "test_split": 0.5}, "below 1"), ({"learning_rate": -1}, "learning_rate")],
+)
+def test_python_api_checks_settings_as_the_cli_does(settings, word):
+    """One source of settings: the dataclasses refuse what the flags refuse."""
+    from simple_cnn.config import SettingError, TrainConfig
+    from simple_cnn.data import load_data
+
+    with pytest.raises(SettingError, match=word):
+        TrainConfig(**settings)
+    with pytest.raises(SettingError, match="val_split"):
+        load_data("anywhere", val_split=1.5)
+
+
+def test_quiet_keeps_warnings_and_results_only(tmp_path):
+    make_shapes_dataset(tmp_path / "ds", per_class=8)
+    quiet = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--quiet", "--mixed_precision", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Dataset ds" not in quiet.stderr and "Training at" not in quiet.stderr  # info lines are gone
+    assert "Warning: --mixed_precision has no effect without a GPU" in quiet.stderr  # warnings stay
+    assert "Model saved to" in quiet.stdout
+    assert_one_line_error(run_cli("--mode", "train", "--quiet", "--verbose", cwd=tmp_path), 2, "--quiet")

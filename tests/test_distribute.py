@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,25 +28,19 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _start_worker(work: Path, env: dict, *args: str) -> subprocess.Popen:
+    """One multi-worker training process in ``work``, its cluster described by ``env``."""
+    return start_cli(
+        "--mode", "train", "--dataset_path", "ds", "--distribute", "multiworker", "--batch_size", "8", *args, cwd=work, env=env
+    )
+
+
 def _start_workers(work: Path, ports: list[int], *args: str) -> list[subprocess.Popen]:
+    """Workers on 127.0.0.1 ``ports``, configured by TF_CONFIG."""
     procs = []
     for index in range(len(ports)):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        procs.append(
-            start_cli(
-                "--mode",
-                "train",
-                "--dataset_path",
-                "ds",
-                "--distribute",
-                "multiworker",
-                "--batch_size",
-                "8",
-                *args,
-                cwd=work,
-                env={"TF_CONFIG": json.dumps(tf_config)},
-            )
-        )
+        procs.append(_start_worker(work, {"TF_CONFIG": json.dumps(tf_config)}, *args))
     return procs
 
 
@@ -160,7 +155,174 @@ def test_mirrored_on_a_cpu_runs_with_one_replica(tmp_path):
     assert "--mixed_precision has no effect without a GPU" in result.stderr
 
 
-def test_multiworker_needs_tf_config(tmp_path):
+def test_multiworker_needs_a_cluster(tmp_path):
     make_shapes_dataset(tmp_path / "ds", per_class=3)
     env_free = run_cli("--mode", "train", "--dataset_path", "ds", "--distribute", "multiworker", cwd=tmp_path)
-    assert_one_line_error(env_free, 2, "TF_CONFIG")
+    assert_one_line_error(env_free, 2, "TF_CONFIG", "Slurm", "Indexed Job")
+
+
+# ---------------------------------------------------------------- clusters from Slurm and Kubernetes
+
+
+SLURM = {"SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "node[01-03,07],gpu-a", "SLURM_STEP_NUM_TASKS": "5", "SLURM_JOB_ID": "812"}
+
+
+@pytest.mark.parametrize(
+    "env, settings, source, rank, addresses",
+    [
+        (SLURM, {}, "Slurm", 3, ["node01:23456", "node02:23456", "node03:23456", "node07:23456", "gpu-a:23456"]),
+        (  # two tasks on each of two nodes; the job's node list when the step's is absent
+            {"SLURM_PROCID": "2", "SLURM_JOB_NODELIST": "cn-[9-10]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4"},
+            {"worker_port": 4000},
+            "Slurm",
+            2,
+            ["cn-9:4000", "cn-9:4001", "cn-10:4000", "cn-10:4001"],
+        ),
+        (
+            {"JOB_COMPLETION_INDEX": "1", "HOSTNAME": "train-1"},
+            {"workers": 3, "worker_hosts": "train-{index}.workers"},
+            "Kubernetes Indexed Job",
+            1,
+            ["train-0.workers:23456", "train-1.workers:23456", "train-2.workers:23456"],
+        ),
+        (
+            {"JOB_COMPLETION_INDEX": "0"},
+            {"workers": 2, "worker_hosts": "127.0.0.1:{port}", "worker_port": 5000},
+            "Kubernetes Indexed Job",
+            0,
+            ["127.0.0.1:5000", "127.0.0.1:5001"],
+        ),
+        (  # an explicit TF_CONFIG wins over Slurm's variables, and Slurm over an Indexed Job
+            {
+                **SLURM,
+                "JOB_COMPLETION_INDEX": "0",
+                "TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}),
+            },
+            {"workers": 2, "worker_hosts": "x-{index}"},
+            "TF_CONFIG",
+            1,
+            ["a:1", "b:2"],
+        ),
+        ({**SLURM, "JOB_COMPLETION_INDEX": "0"}, {"workers": 2, "worker_hosts": "x-{index}"}, "Slurm", 3, None),
+    ],
+    ids=["slurm-hostlist", "slurm-tasks-per-node", "indexed-job", "indexed-job-one-host", "tf-config-wins", "slurm-before-k8s"],
+)
+def test_cluster_is_read_from_the_schedulers_environment(env, settings, source, rank, addresses):
+    from simple_cnn.config import ClusterConfig
+    from simple_cnn.distribute import discover
+
+    found = discover(ClusterConfig(**settings), env=env)
+    assert (found.source, found.rank) == (source, rank)
+    if addresses is not None:
+        assert found.addresses == addresses
+
+
+@pytest.mark.parametrize(
+    "env, flags, words",
+    [
+        ({"SLURM_PROCID": "5", "SLURM_STEP_NODELIST": "a,b"}, [], "outside the 2 workers"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "solo"}, [], "needs two or more"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "node[01-"}, [], "node list"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "a,b", "SLURM_STEP_NUM_TASKS": "3"}, [], "SLURM_STEP_NUM_TASKS"),
+        ({"JOB_COMPLETION_INDEX": "0"}, [], "--workers"),
+        ({"JOB_COMPLETION_INDEX": "2"}, ["--workers", "2", "--worker_hosts", "w-{index}"], "outside the 2 workers"),
+        ({"JOB_COMPLETION_INDEX": "x"}, ["--workers", "2", "--worker_hosts", "w-{index}"], "JOB_COMPLETION_INDEX"),
+        ({"JOB_COMPLETION_INDEX": "0"}, ["--workers", "2", "--worker_hosts", "w-{rank}"], "--worker_hosts"),
+        ({"JOB_COMPLETION_INDEX": "0"}, ["--workers", "1", "--worker_hosts", "w-{index}"], "--workers"),
+    ],
+    ids=[
+        "index-out-of-range",
+        "one-worker",
+        "bad-hostlist",
+        "task-count",
+        "no-workers",
+        "k8s-index",
+        "k8s-not-a-number",
+        "bad-pattern",
+        "k8s-one-worker",
+    ],
+)
+def test_inconsistent_cluster_is_one_line_before_any_work(tmp_path, env, flags, words):
+    make_shapes_dataset(tmp_path / "ds", per_class=3)
+    proc = start_cli("--mode", "train", "--dataset_path", "ds", "--distribute", "multiworker", *flags, cwd=tmp_path, env=env)
+    out, err = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_one_line_error(result, 2, words)
+    assert not (tmp_path / "models").exists()
+
+
+def _consecutive_free_ports() -> int:
+    while True:
+        base = _free_ports(1)[0]
+        if base < 65000:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", base + 1))
+                    return base
+                except OSError:
+                    continue
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "indexed-job"])
+def test_two_workers_find_each_other_without_tf_config(tmp_path, scheduler):
+    """As the TF_CONFIG test, but the cluster comes from Slurm's or an Indexed Job's variables."""
+    make_shapes_dataset(tmp_path / "ds", per_class=20)
+    base = _consecutive_free_ports()
+    procs = []
+    for rank in (0, 1):
+        if scheduler == "slurm":  # two tasks of one srun step on this node
+            env = {
+                "SLURM_PROCID": str(rank),
+                "SLURM_STEP_NODELIST": "127.0.0.1",
+                "SLURM_STEP_TASKS_PER_NODE": "2",
+                "SLURM_STEP_NUM_TASKS": "2",
+            }
+            flags = ["--worker_port", str(base)]
+        else:
+            env = {"JOB_COMPLETION_INDEX": str(rank)}
+            flags = ["--workers", "2", "--worker_hosts", "127.0.0.1:{port}", "--worker_port", str(base)]
+        procs.append(_start_worker(tmp_path, env, "--epochs", "2", *flags))
+    results = _finish(procs)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    source = "Slurm" if scheduler == "slurm" else "Kubernetes Indexed Job"
+    for rank, (_, _, err) in enumerate(results):
+        first = err.splitlines()[:2]
+        assert first[0].startswith(f"Cluster from {source}: this is worker {rank} of 2"), err[:500]
+        assert first[1] == f"Workers: 127.0.0.1:{base}, 127.0.0.1:{base + 1}"
+    files = sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock"))
+    assert files == ["cnn_model.keras", "cnn_model.tflite"]
+    image = tmp_path / "ds" / "square" / "square_000.png"
+    answer = run_cli("--mode", "classify", "--single_image_path", image, "--json", cwd=tmp_path)
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["class"] in CLASSES
+
+
+def test_deploy_files_are_well_formed():
+    """The manifests parse into the expected kinds; the sbatch script is valid bash.
+    (Not run on a real cluster here: the README says so.)"""
+    import shutil
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    indexed = list(yaml.safe_load_all((repo / "deploy" / "kubernetes" / "indexed-job.yaml").read_text()))
+    assert [d["kind"] for d in indexed] == ["Service", "PersistentVolumeClaim", "Job"]
+    service, claim, job = indexed
+    assert service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["completionMode"] == "Indexed"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--workers") + 1] == str(job["spec"]["completions"])
+    hosts = args[args.index("--worker_hosts") + 1]
+    assert hosts == f"{job['metadata']['name']}-{{index}}.{service['metadata']['name']}"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    (tfjob,) = yaml.safe_load_all((repo / "deploy" / "kubernetes" / "tfjob.yaml").read_text())
+    assert (tfjob["apiVersion"], tfjob["kind"]) == ("kubeflow.org/v1", "TFJob")
+    sbatch = repo / "deploy" / "slurm" / "train.sbatch"
+    assert subprocess.run(["bash", "-n", str(sbatch)], capture_output=True).returncode == 0
+    assert "--distribute multiworker" in sbatch.read_text() and "srun" in sbatch.read_text()
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck:
+        assert subprocess.run([shellcheck, str(sbatch)], capture_output=True).returncode == 0

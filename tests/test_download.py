@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -30,13 +31,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         self.server.requests.append(self.path)
+        if self.path in self.server.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.server.redirects[self.path])
+            self.end_headers()
+            return
         body = self.server.files.get(self.path)
         if body is None:
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        if self.path not in self.server.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if self.path in self.server.stall:  # a little, then nothing: a stalled transfer
+            self.wfile.write(body[:100])
+            self.wfile.flush()
+            time.sleep(8)
+            return
         self.wfile.write(body[: len(body) // 2] if self.path in self.server.truncate else body)
 
     def log_message(self, *args):
@@ -47,6 +59,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     srv = _Server(("127.0.0.1", 0), _Handler)
     srv.files, srv.truncate, srv.requests = {}, set(), []
+    srv.redirects, srv.stall, srv.no_length = {}, set(), set()
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -90,8 +103,9 @@ def project(tmp_path):
     return tmp_path
 
 
-def run_script(project: Path, server, *args, sha: str | None = None):
+def run_script(project: Path, server, *args, sha: str | None = None, **extra_env):
     env = {**os.environ, "SIMPLE_CNN_DATASETS_BASE_URL": f"http://127.0.0.1:{server.server_port}", "PYTHON": sys.executable}
+    env.update(extra_env)
     env.pop("SIMPLE_CNN_FLOWERS_SHA256", None)
     if sha:
         env["SIMPLE_CNN_FLOWERS_SHA256"] = sha
@@ -101,7 +115,7 @@ def run_script(project: Path, server, *args, sha: str | None = None):
 
 
 def _leftovers(project: Path) -> list[str]:
-    return sorted(p.name for p in (project / "datasets").iterdir() if p.name != ".checksums")
+    return sorted(p.name for p in (project / "datasets").iterdir() if p.name not in (".checksums", ".download.lock"))
 
 
 def test_good_archive_is_verified_unpacked_and_not_downloaded_twice(project, server):
@@ -162,7 +176,7 @@ def test_unpublished_checksum_is_recorded_then_enforced(project, server):
     server.files["/animal-image-classification-dataset.zip"] = archive
     first = run_script(project, server, "animals")
     assert first.returncode == 0, first.stderr
-    assert "recording SHA-256" in first.stdout
+    assert "recorded SHA-256" in first.stdout
     assert sorted(p.name for p in (project / "datasets" / "Animals").iterdir() if p.is_dir()) == list(ANIMALS)
     manifest = (project / "datasets" / ".checksums").read_text()
     assert hashlib.sha256(archive).hexdigest() in manifest
@@ -187,3 +201,58 @@ def test_digits_needs_no_network(project, server):
     assert result.returncode == 0, result.stderr
     assert len(list((project / "datasets" / "digits").rglob("*.png"))) == 1797
     assert server.requests == []
+
+
+ANIMALS_PATH = "/animal-image-classification-dataset.zip"
+
+
+def test_bad_first_download_is_not_pinned(project, server):
+    """An error page served with status 200 fails, and is not recorded: the genuine archive then works."""
+    server.files[ANIMALS_PATH] = b"<html>Too many requests, try later</html>"
+    first = run_script(project, server, "animals")
+    assert first.returncode == 1 and "refused to unpack" in first.stderr
+    assert not (project / "datasets" / ".checksums").exists() or not (project / "datasets" / ".checksums").read_text()
+    archive = _animals_zip()
+    server.files[ANIMALS_PATH] = archive
+    second = run_script(project, server, "animals")
+    assert second.returncode == 0, second.stderr
+    assert hashlib.sha256(archive).hexdigest() in (project / "datasets" / ".checksums").read_text()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["with-length", "without-length"])
+def test_oversized_download_is_refused(project, server, declared):
+    server.files[ANIMALS_PATH] = _animals_zip() + os.urandom(3 * 1024 * 1024)  # over a 2 MiB bound
+    if not declared:
+        server.no_length.add(ANIMALS_PATH)
+    result = run_script(project, server, "animals", SIMPLE_CNN_MAX_DOWNLOAD_MB="2")
+    assert result.returncode == 1 and "over 2 MiB" in result.stderr
+    assert _leftovers(project) == []
+
+
+def test_stalled_download_gives_up(project, server):
+    server.files[ANIMALS_PATH] = _animals_zip() + os.urandom(200_000)
+    server.stall.add(ANIMALS_PATH)
+    started = time.monotonic()
+    result = run_script(project, server, "animals", SIMPLE_CNN_STALL_SECONDS="1")
+    assert result.returncode == 1 and "stall" in result.stderr
+    assert time.monotonic() - started < 60
+    assert _leftovers(project) == []
+
+
+def test_redirect_to_plain_http_is_refused(project, server):
+    server.files["/elsewhere.zip"] = _animals_zip()
+    server.redirects[ANIMALS_PATH] = f"http://127.0.0.1:{server.server_port}/elsewhere.zip"
+    result = run_script(project, server, "animals")
+    assert result.returncode == 1 and "redirect" in result.stderr
+    assert "/elsewhere.zip" not in server.requests
+    assert _leftovers(project) == []
+
+
+def test_killed_run_leftovers_are_cleaned(project, server):
+    leftover = project / "datasets" / ".download-animals.Ab12Cd"
+    leftover.mkdir(parents=True)
+    (leftover / "archive").write_bytes(b"half an archive")
+    server.files[ANIMALS_PATH] = _animals_zip()
+    result = run_script(project, server, "animals")
+    assert result.returncode == 0, result.stderr
+    assert not leftover.exists() and _leftovers(project) == ["Animals"]

@@ -25,7 +25,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import assert_one_line_error, bomb_png, make_shapes_dataset, run_cli, shape_image, start_cli
+from conftest import (
+    assert_one_line_error,
+    bomb_png,
+    make_shapes_dataset,
+    run_cli,
+    shape_image,
+    start_cli,
+    train_tiny_model,
+    wait_for_epochs,
+)
 from simple_cnn import data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,10 +191,7 @@ def test_unusable_dataset_is_one_clear_line(tmp_path, layout, words):
 def small_model(tmp_path_factory):
     """A model trained for one epoch at 24x24 pixels, and its dataset."""
     work = tmp_path_factory.mktemp("model")
-    make_shapes_dataset(work / "ds", per_class=15)
-    result = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--image_size", "24", cwd=work)
-    assert result.returncode == 0, result.stderr
-    return work, work / "models" / "cnn_model.keras"
+    return work, train_tiny_model(work)
 
 
 def _classify(work, model, image="ds/circle/circle_000.png"):
@@ -288,22 +294,9 @@ def test_images_folder_that_cannot_be_written_is_one_clear_line(tmp_path):
 # ---------------------------------------------------------------- interrupted runs
 
 
-def _start_training(work: Path) -> subprocess.Popen:
-    return start_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "8", "--batch_size", "6", "--json", cwd=work)
-
-
-def _wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
-    """Read stderr until ``n`` epochs have ended (Keras prints one line per epoch)."""
-    lines = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if sum("val_loss" in ln for ln in lines) >= n:
-            return lines
-    raise AssertionError(f"training did not reach epoch {n}: {''.join(lines)}")
+def _start_training(work: Path, preexec_fn=None) -> subprocess.Popen:
+    args = ("--mode", "train", "--dataset_path", "ds", "--epochs", "8", "--batch_size", "6", "--json")
+    return start_cli(*args, cwd=work, preexec_fn=preexec_fn)
 
 
 @pytest.fixture
@@ -315,16 +308,27 @@ def small_dataset(tmp_path):
     return tmp_path
 
 
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize(
-    "sig, code, fresh",
-    [(signal.SIGINT, 130, False), (signal.SIGKILL, -9, False), (signal.SIGTERM, 143, True)],
-    ids=["SIGINT-resume", "SIGKILL-resume", "SIGTERM-fresh"],
+    "sig, code, fresh, inherited",
+    [
+        (signal.SIGINT, 130, False, None),
+        # Started as a non-interactive shell starts a background job: SIGINT ignored. The
+        # CLI still stops on it (before it set its own handler, it trained to the end).
+        (signal.SIGINT, 130, False, _ignore_sigint),
+        (signal.SIGKILL, -9, False, None),
+        (signal.SIGTERM, 143, True, None),
+    ],
+    ids=["SIGINT-resume", "SIGINT-ignored-by-parent-resume", "SIGKILL-resume", "SIGTERM-fresh"],
 )
-def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code, fresh):
+def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code, fresh, inherited):
     """Killed after 2 of 8 epochs, the same command resumes; with --fresh it starts over."""
     work = small_dataset
-    proc = _start_training(work)
-    _wait_for_epochs(proc, 2)
+    proc = _start_training(work, inherited)
+    wait_for_epochs(proc, 2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -475,9 +479,11 @@ def test_fuzz_mutated_images_are_read_or_skipped(tmp_path_factory, which, edits,
 
 
 def test_readme_table_is_in_step():
-    """Every test in this file appears in README.md's Reliability table, and the other way round."""
+    """Every test in this file and in test_hostile.py appears in README.md's Reliability
+    table, and the other way round."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", section))
-    here = {name for name in globals() if name.startswith("test_")}
+    hostile = (REPO / "tests" / "test_hostile.py").read_text()
+    here = {name for name in globals() if name.startswith("test_")} | set(re.findall(r"^def (test_\w+)", hostile, re.M))
     assert named == here, {"missing from README": here - named, "not a test": named - here}

@@ -24,7 +24,7 @@ from . import data
 from .config import DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError
 from .files import atomic_output
-from .formats import load_model, read_metadata, read_tflite_metadata, tflite_path
+from .formats import LITERT_SHA256, load_model, read_metadata, read_verified, tflite_path
 from .quiet import c_noise_hidden
 from .results import ClassifyManyResult, ClassifyResult
 
@@ -45,11 +45,24 @@ def find_inputs(input_path) -> list[Path]:
             raise DataError(f"no images (.jpg, .png, .bmp, .gif, .webp) in the folder {path}")
         return sorted(found)
     if glob.has_magic(text):
-        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        found = _glob(text)
         if not found:
             raise DataError(f"no files match {text}")
         return found
     raise DataError(f"no image at {path}: check the path")
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The files a glob matches, hidden ones left out, sorted.
+
+    pathlib's ``Path.glob`` rather than ``glob.glob``: its ``**`` does not descend into
+    folder links, so a link that points back up cannot make the search run for ever.
+    """
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:first]) if first else Path()
+    matches = base.glob(str(Path(*parts[first:])))
+    return sorted(p for p in matches if not p.name.startswith(".") and p.is_file())
 
 
 class Predictor:
@@ -57,20 +70,13 @@ class Predictor:
 
     def __init__(self, model_path, metadata: dict):
         self.metadata = metadata
-        lite = tflite_path(model_path)
-        lite_metadata = read_tflite_metadata(lite) if lite.exists() else None
-        if lite_metadata is not None and lite_metadata == metadata:
-            from ai_edge_litert.interpreter import Interpreter
-
+        self._interpreter = _litert_interpreter(Path(model_path), metadata)
+        if self._interpreter is not None:
             self.runtime = "litert"
-            with c_noise_hidden():
-                self._interpreter = Interpreter(model_path=str(lite), num_threads=data.usable_cpus())
             self._input = self._interpreter.get_input_details()[0]["index"]
             self._output = self._interpreter.get_output_details()[0]["index"]
             self._batch = None
         else:
-            if lite.exists():
-                log.warning(f"{lite} is not from the same training run as {model_path}; using the Keras model")
             self.runtime = "keras"
             self._model, _ = load_model(model_path)
 
@@ -90,18 +96,51 @@ class Predictor:
         return self._interpreter.get_tensor(self._output).copy()
 
 
+def _litert_interpreter(model_path: Path, metadata: dict):
+    """A LiteRT interpreter for the model's ``.tflite`` copy, or None (then Keras is used).
+
+    The copy is used only when its bytes have the SHA-256 recorded in the model file you
+    named (formats.write_tflite); the interpreter runs those very bytes. Anything else
+    beside the model (another run's copy, a planted file, a truncated one) is passed over
+    with one line.
+    """
+    lite = tflite_path(model_path)
+    if not lite.exists():
+        return None
+    content = read_verified(lite, metadata.get(LITERT_SHA256))
+    if content is None:
+        why = (
+            "its SHA-256 differs from the one the model file records"
+            if metadata.get(LITERT_SHA256)
+            else "the model file records no fingerprint of it"
+        )
+        log.warning(f"{lite} is not from the same training run as {model_path} ({why}); using the Keras model")
+        return None
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        with c_noise_hidden():
+            interpreter = Interpreter(model_content=content, num_threads=data.usable_cpus())
+    except Exception as e:  # noqa: BLE001 (LiteRT raises ValueError, RuntimeError, ... on a bad model)
+        log.warning(f"cannot run {lite} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); using the Keras model")
+        return None
+    return interpreter
+
+
 def _top(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
     order = np.argsort(probabilities)[::-1][: max(1, top_k)]
     return [{"class": class_names[i], "probability": float(probabilities[i])} for i in order]
 
 
-def classify_many(input_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k) -> ClassifyManyResult:
+def classify_many(
+    input_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k, min_confidence: float = ClassifyConfig.min_confidence
+) -> ClassifyManyResult:
     """Classify every image named by ``input_path`` (file, folder or glob).
 
     Unreadable files are skipped and reported. Returns the predictions in file order,
     the skipped files, the runtime used and the throughput.
     """
-    ClassifyConfig(top_k=top_k)
+    ClassifyConfig(top_k=top_k, min_confidence=min_confidence)
     metadata = read_metadata(model_path)
     paths = find_inputs(input_path)
     predictor = Predictor(model_path, metadata)
@@ -116,10 +155,8 @@ def classify_many(input_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyCon
             continue
         good = [p for p, e in zip(chunk, errors) if e is None]
         for path, probs in zip(good, predictor(x)):
-            top = _top(probs, names, top_k)
-            predictions.append(
-                {"image": data.shown(str(path)), "class": top[0]["class"], "probability": top[0]["probability"], "top_k": top}
-            )
+            answer = ClassifyResult(data.shown(str(path)), "", "", _top(probs, names, top_k), min_confidence).as_dict()
+            predictions.append({k: answer[k] for k in ("image", "class", "probability", "top_k")})
     seconds = time.monotonic() - started
     return ClassifyManyResult(
         model_file_path=str(model_path),
@@ -131,9 +168,12 @@ def classify_many(input_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyCon
     )
 
 
-def classify(image_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k) -> ClassifyResult:
-    """Predict the class of the one image at ``image_path``: the ``top_k`` most likely classes."""
-    ClassifyConfig(top_k=top_k)
+def classify(
+    image_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k, min_confidence: float = ClassifyConfig.min_confidence
+) -> ClassifyResult:
+    """Predict the class of the one image at ``image_path``: the ``top_k`` most likely classes,
+    and the answer ("unknown" when the most likely is below ``min_confidence``)."""
+    ClassifyConfig(top_k=top_k, min_confidence=min_confidence)
     image_path = Path(image_path)
     metadata = read_metadata(model_path)
     if not image_path.exists():
@@ -146,7 +186,7 @@ def classify(image_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.t
         raise DataError(f"cannot read the image {image_path}: {e}") from None
     predictor = Predictor(model_path, metadata)
     top = _top(predictor(pixels[None])[0], metadata["class_names"], top_k)
-    return ClassifyResult(image=str(image_path), model_file_path=str(model_path), runtime=predictor.runtime, top_k=top)
+    return ClassifyResult(str(image_path), str(model_path), predictor.runtime, top, min_confidence)
 
 
 def write_predictions(result: ClassifyManyResult, path: Path) -> None:
@@ -160,7 +200,7 @@ def write_predictions(result: ClassifyManyResult, path: Path) -> None:
         writer.writerow(["file", "class", "probability", "top_k"])
         for r in result.predictions:
             top = ";".join(f"{t['class']}:{t['probability']:.4f}" for t in r["top_k"])
-            writer.writerow([r["image"], r["class"], f"{r['probability']:.4f}", top])
+            writer.writerow([data.csv_cell(r["image"]), data.csv_cell(r["class"]), f"{r['probability']:.4f}", data.csv_cell(top)])
         text = buf.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:

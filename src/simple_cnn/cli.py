@@ -12,10 +12,20 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import types
 from pathlib import Path
 
-from .config import DEFAULT_DATASET, DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, SettingError, TrainConfig, flag_fields
+from .config import (
+    DEFAULT_DATASET,
+    DEFAULT_IMAGES_DIR,
+    DEFAULT_MODEL,
+    ClassifyConfig,
+    ClusterConfig,
+    SettingError,
+    TrainConfig,
+    flag_fields,
+)
 from .errors import SimpleCNNError, UsageError
 
 log = logging.getLogger("simple_cnn")
@@ -87,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fresh", action="store_true", help="train from scratch, discarding an interrupted run's saved progress")
     _add_settings(p.add_argument_group("training (train mode; --batch_size also in test mode)"), TrainConfig)
+    _add_settings(
+        p.add_argument_group(
+            "several machines (--distribute multiworker), in this order: TF_CONFIG if set; else a Slurm step "
+            "(SLURM_PROCID, SLURM_STEP_NODELIST); else a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)"
+        ),
+        ClusterConfig,
+    )
     classify = p.add_argument_group("classify mode")
     classify.add_argument("--single_image_path", help="one image to classify")
     classify.add_argument("--input_path", help="images to classify: a file, a folder (recursively) or a quoted glob")
@@ -99,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig]:
+def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig, ClusterConfig]:
     """Build the settings (their own checks, config.py) and check what argparse cannot
     express; every problem is a usage error (exit 2) before any work."""
     from .formats import check_model_path
@@ -107,6 +124,7 @@ def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig]:
     try:
         train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in flag_fields(TrainConfig)})
         classify_config = ClassifyConfig(**{f.name: getattr(args, f.name) for f in flag_fields(ClassifyConfig)})
+        cluster_config = ClusterConfig(**{f.name: getattr(args, f.name) for f in flag_fields(ClusterConfig)})
     except SettingError as e:
         parser.error(e.as_flags())
     if args.mode == "classify" and not (args.single_image_path or args.input_path):
@@ -117,8 +135,6 @@ def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig]:
         parser.error("--output goes with --mode classify --input_path")
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
         parser.error(f"--output {args.output} must end in .csv or .jsonl")
-    if args.distribute == "multiworker" and not os.environ.get("TF_CONFIG"):
-        parser.error("--distribute multiworker needs the TF_CONFIG environment variable on each worker (see README)")
     if args.mode == "export" and not args.format:
         parser.error("--mode export needs --format tflite|savedmodel|onnx")
     if args.verbose and args.quiet:
@@ -127,7 +143,19 @@ def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig]:
         check_model_path(args.model_file_path)
     except UsageError as e:
         parser.error(str(e))
-    return train_config, classify_config
+    return train_config, classify_config, cluster_config
+
+
+def _join_cluster(args, parser, cluster_config: ClusterConfig) -> None:
+    """--distribute multiworker: find the cluster (exit 2 if it is inconsistent) and say where it came from."""
+    from .distribute import join_cluster
+
+    try:
+        membership = join_cluster(cluster_config)
+    except UsageError as e:
+        parser.error(str(e))
+    for line in membership.describe():
+        log.info(line)
 
 
 def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig):
@@ -139,16 +167,17 @@ def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig):
         dataset = Path(args.dataset_path) if args.dataset_path else ensure_digits_dataset(Path(DEFAULT_DATASET))
         return train(dataset, args.model_file_path, args.images_dir, train_config, fresh=args.fresh, cache_dir=args.cache_dir)
     if args.mode == "test":
-        from .data import ensure_digits_dataset
         from .evaluate import evaluate
-        from .formats import read_metadata
 
-        if args.dataset_path:
-            dataset = Path(args.dataset_path)
-        else:
-            trained_on = Path(read_metadata(args.model_file_path)["dataset_path"])
-            dataset = trained_on if trained_on.is_dir() else ensure_digits_dataset(Path(DEFAULT_DATASET))
-        return evaluate(dataset, args.model_file_path, args.images_dir, train_config.batch_size, cache_dir=args.cache_dir)
+        dataset = Path(args.dataset_path) if args.dataset_path else _recorded_dataset(args.model_file_path)
+        return evaluate(
+            dataset,
+            args.model_file_path,
+            args.images_dir,
+            train_config.batch_size,
+            args.cache_dir,
+            classify_config.min_confidence,
+        )
     if args.mode == "export":
         from .export import export
 
@@ -156,11 +185,25 @@ def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig):
     from .classify import classify, classify_many, write_predictions
 
     if args.single_image_path:
-        return classify(args.single_image_path, args.model_file_path, classify_config.top_k)
-    result = classify_many(args.input_path, args.model_file_path, classify_config.top_k)
+        return classify(args.single_image_path, args.model_file_path, classify_config.top_k, classify_config.min_confidence)
+    result = classify_many(args.input_path, args.model_file_path, classify_config.top_k, classify_config.min_confidence)
     if args.output:
         write_predictions(result, Path(args.output))
     return result
+
+
+def _recorded_dataset(model_path) -> Path:
+    """Test mode without --dataset_path: the folder recorded in the model file, if it is here."""
+    from .errors import DataError
+    from .formats import read_metadata
+
+    recorded = read_metadata(model_path)["dataset_path"]
+    if not isinstance(recorded, str) or not Path(recorded).is_dir():
+        raise DataError(
+            f"{model_path} was trained on {recorded!r}, which is not a folder here: give --dataset_path the dataset to test on"
+        )
+    log.info(f"Testing on {recorded}, the dataset recorded in {model_path} (--dataset_path chooses another)")
+    return Path(recorded)
 
 
 class _LogFormatter(logging.Formatter):
@@ -195,28 +238,60 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
-    train_config, classify_config = _check(args, parser)
-    configure_logging(args.verbose, args.quiet)
     if not args.verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see quiet.py
+    train_config, classify_config, cluster_config = _check(args, parser)
+    configure_logging(args.verbose, args.quiet)
+    if args.mode == "train" and train_config.distribute == "multiworker":
+        _join_cluster(args, parser, cluster_config)
     try:
         result = _run(args, train_config, classify_config)
+        _print_result(result, args.json)
     except SimpleCNNError as e:
-        print(f"simple-cnn: error: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit_code
     except OSError as e:  # disk full, permissions, ... on a path the message names
-        where = f" {e.filename}" if e.filename else ""
-        print(f"simple-cnn: error:{where}: {e.strerror or e}", file=sys.stderr)
+        _error(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
         return 1
     except KeyboardInterrupt as e:
         resume = " (run the same command again to resume training; --fresh starts over)" if args.mode == "train" else ""
         print(f"simple-cnn: interrupted{resume}", file=sys.stderr)
-        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
-        return 0
-    if text := result.human():
-        print(text)
-    for line in result.notes():
-        print(line, file=sys.stderr)
+        _end_now(128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT))
+    except Exception as e:  # noqa: BLE001 (the last resort: a bug, or a failure nobody foresaw)
+        if args.verbose:
+            traceback.print_exc()
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _error(f"unexpected {type(e).__name__}{': ' if detail else ''}{detail} (please report it; --verbose shows where)")
+        _end_now(1)
     return 0
+
+
+def _print_result(result, as_json: bool) -> None:
+    """The result on stdout (JSON or the human summary); notes for people on stderr."""
+    try:
+        if as_json:
+            print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
+            return
+        if text := result.human():
+            print(text)
+        for line in result.notes():
+            print(line, file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `simple-cnn ... | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _error(message: str) -> None:
+    """One line on stderr, whatever the message holds (a newline or an escape sequence in a
+    file name is shown escaped, never obeyed)."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message.replace("\n", " "))
+    print(f"simple-cnn: error: {safe}", file=sys.stderr)
+
+
+def _end_now(code: int) -> None:
+    """Exit at once with ``code``, not waiting for other threads: a thread stuck in a read
+    (a network file system, a device) must not keep an interrupted process alive. Every
+    file being written was already cleaned up as the exception unwound the main thread."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

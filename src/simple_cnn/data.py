@@ -14,9 +14,13 @@ Nothing here imports TensorFlow at module level, so classify and ``--help`` stay
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import stat
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +32,8 @@ from PIL import Image, ImageOps
 from .config import TrainConfig, check_splits
 from .errors import DataError
 from .files import atomic_dir, atomic_output, ensure_writable_dir, write_json
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
@@ -42,9 +48,66 @@ AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 96  # 96: why, in bench/README.md
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check, at our limit
 
 
+class PixelBudget:
+    """At most ``capacity`` decoded pixels in flight across all decoding threads.
+
+    One image may hold up to MAX_PIXELS; without a shared bound, every thread could hold
+    one at once, and a folder of large, small-on-disk PNGs would exhaust memory. A thread
+    waits until the pixels it needs are free (an image larger than the budget waits for
+    the whole of it).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = self.free = capacity
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        pixels = min(pixels, self.capacity)
+        with self._changed:
+            self._changed.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += pixels
+                self._changed.notify_all()
+
+
+# One 100-megapixel image (about 300 MB as RGB, twice that while converting) or many
+# smaller ones at a time. JPEGs count at their reduced decoding scale (Image.draft).
+DECODING = PixelBudget(MAX_PIXELS)
+
+
+# Characters that would break a one-line message, a tab-separated row or a terminal:
+# control characters (newline, tab, escape sequences) and bidirectional overrides.
+_UNSAFE = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0xA0))}
+_UNSAFE |= {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+_UNSAFE |= {i: f"\\u{i:04x}" for i in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
 def shown(name: str) -> str:
-    """A file name safe to print, even when it is not valid UTF-8."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")  # undecodable bytes as \xNN
+    """A file or class name safe to print on one line: bytes that are not UTF-8 as ``\\xNN``,
+    control characters escaped (``\\n``, ``\\x1b``), so a name can neither break a line nor
+    drive the terminal."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace").translate(_UNSAFE)
+
+
+def csv_cell(text: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: one starting with =, +, -, @ (or a tab or
+    carriage return) would be run as a formula, so it gets a leading apostrophe (OWASP's
+    advice against CSV injection)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def check_class_name(name: str, root: Path) -> None:
+    """Refuse a class folder name that could not travel safely into labels, CSV and JSON."""
+    if shown(name) != name:
+        raise DataError(
+            f"the class folder {shown(name)!r} in {shown(str(root))} has a name that is not valid UTF-8 or holds a "
+            "control character (newline, tab, escape): rename the folder"
+        )
 
 
 def split_of(relpath: str, val_split: float, test_split: float) -> str:
@@ -99,22 +162,44 @@ class Dataset:
         return f"{n} unreadable file{'s' if n != 1 else ''} skipped ({some}{more})"
 
 
-def _check_header(path: Path) -> tuple[int, int]:
-    """Open an image's header only; return its size or raise ValueError with the reason."""
+def open_regular_file(path: Path):
+    """Open ``path`` for reading in binary mode, if it is a regular file.
+
+    Anything else (a FIFO, a device, a socket) raises ValueError without blocking: the
+    file is opened non-blocking and checked on the descriptor itself (no check-then-open
+    race), so a FIFO named like an image can never hang a run.
+    """
     try:
-        with Image.open(path) as im:
-            if im.format not in IMAGE_FORMATS:
-                raise ValueError(f"unsupported format {im.format}")
-            w, h = im.size
-    except Image.DecompressionBombError:
-        raise ValueError(f"more than {MAX_PIXELS:,} pixels") from None
-    except Exception as e:  # Pillow's parsers raise many kinds (OSError, SyntaxError, struct.error, ...) on bad bytes
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
         raise ValueError(_reason(e)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file (a FIFO, device or socket)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _checked_size(im: Image.Image) -> tuple[int, int]:
+    """An opened image's size, if its format and size are acceptable; else ValueError."""
+    if im.format not in IMAGE_FORMATS:
+        raise ValueError(f"unsupported format {im.format}")
+    w, h = im.size
     if w * h > MAX_PIXELS:
         raise ValueError(f"{w}x{h} is more than {MAX_PIXELS:,} pixels")
     if w < 1 or h < 1:
         raise ValueError("empty image")
     return w, h
+
+
+def _check_header(path: Path) -> tuple[int, int]:
+    """Open an image's header only; return its size or raise ValueError with the reason."""
+    with open_regular_file(path) as f:
+        try:
+            with Image.open(f) as im:
+                return _checked_size(im)
+        except Exception as e:  # Pillow's parsers raise many kinds (OSError, SyntaxError, struct.error, ...) on bad bytes
+            raise ValueError(_reason(e)) from None
 
 
 def _reason(e: Exception) -> str:
@@ -124,6 +209,8 @@ def _reason(e: Exception) -> str:
         return "permission denied"
     if isinstance(e, FileNotFoundError):
         return "file not found (broken link?)"
+    if isinstance(e, OSError) and e.strerror and e.filename:  # e.g. a symbolic link loop
+        return e.strerror
     text = str(e).split("\n")[0] or type(e).__name__
     if text.startswith("cannot identify image file"):
         return "not an image"
@@ -166,9 +253,25 @@ def try_each(fn, items: list, threads: int | None = None) -> tuple[list, list[st
         except ValueError as e:
             return None, str(e)
 
-    with ThreadPoolExecutor(max_workers=threads or usable_cpus()) as pool:
+    # Not `with ThreadPoolExecutor(...)`: its exit waits for every thread, and on Ctrl-C
+    # a thread stuck in a read would keep the process alive. The CLI ends the process.
+    pool = ThreadPoolExecutor(max_workers=threads or usable_cpus())
+    try:
         pairs = list(pool.map(attempt, items))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return [r for r, _ in pairs], [e for _, e in pairs]
+
+
+def _inside(root: Path):
+    """A test: does a path, its links resolved, lie inside ``root`` (links resolved too)?"""
+    real_root = os.path.realpath(root)
+
+    def inside(path: Path) -> bool:
+        real = os.path.realpath(path)
+        return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+    return inside
 
 
 def scan_dataset(root: Path, val_split: float = TrainConfig.val_split, test_split: float = TrainConfig.test_split) -> Dataset:
@@ -176,7 +279,8 @@ def scan_dataset(root: Path, val_split: float = TrainConfig.val_split, test_spli
 
     Hidden files and folders and files without an image suffix are ignored; images
     in nested sub-folders of a class belong to that class. Files that cannot be
-    read are recorded in ``Dataset.skipped``, never raised.
+    read are recorded in ``Dataset.skipped``, never raised. Links that lead outside
+    the dataset (a class folder or an image) are not followed.
     """
     root = Path(root)
     if not root.exists():
@@ -185,21 +289,35 @@ def scan_dataset(root: Path, val_split: float = TrainConfig.val_split, test_spli
         raise DataError(
             f"dataset path {root} is a file, not a folder: give --dataset_path a folder with one sub-folder per class"
         )
+    inside = _inside(root)
     try:
-        class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        folders = sorted((e.name, e.is_symlink()) for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     except PermissionError:
         raise DataError(f"cannot read the dataset folder {root}: permission denied") from None
+    outside = [name for name, link in folders if link and not inside(root / name)]
+    if outside:
+        log.warning(
+            f"not following {len(outside)} class folder link(s) that lead outside {root}: {', '.join(map(shown, outside))}"
+        )
+    class_names = [name for name, _ in folders if name not in outside]
+    for name in class_names:
+        check_class_name(name, root)
     if len(class_names) < 2:
         found = f"only {shown(class_names[0])!r}" if class_names else "none"
         raise DataError(f"dataset folder {root} needs at least two class sub-folders (found {found})")
 
-    candidates = [
-        (path.relative_to(root).as_posix(), label) for label, name in enumerate(class_names) for path in image_files(root / name)
-    ]
+    dataset = Dataset(root=root, class_names=class_names, images=[])
+    candidates = []
+    for label, name in enumerate(class_names):
+        for path in image_files(root / name):
+            relpath = path.relative_to(root).as_posix()
+            if path.is_symlink() and not inside(path):
+                dataset.skipped.append((relpath, "a link to a file outside the dataset (not followed)"))
+            else:
+                candidates.append((relpath, label))
     # Header checks wait on the disk more than on the CPU: twice the threads.
     sizes, errors = try_each(lambda item: _check_header(root / item[0]), candidates, threads=min(8, 2 * usable_cpus()))
 
-    dataset = Dataset(root=root, class_names=class_names, images=[])
     for (relpath, label), size, error in zip(candidates, sizes, errors):
         if error is not None:
             dataset.skipped.append((relpath, error))
@@ -230,22 +348,29 @@ def read_image(path: Path, image_size: int) -> np.ndarray:
     images, composites transparency on white, and needs no TensorFlow import.
     Raises ValueError with a short reason for anything it cannot read.
     """
-    _check_header(path)
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale
-            im = ImageOps.exif_transpose(im)  # also loads the pixels: truncation fails here
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit (or 32-bit) grey: keep the top 8 bits; convert("L") would clip.
-                bits = 16 if im.mode.startswith("I;16") else 32
-                im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> (bits - 8)).astype(np.uint8))
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # as in _check_header: any failure to decode means "skip this file"
-        raise ValueError(_reason(e)) from None
+    with open_regular_file(path) as f:
+        try:
+            with Image.open(f) as im:
+                _checked_size(im)
+                im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale
+                with DECODING.hold(im.size[0] * im.size[1]):
+                    return _decode(im, image_size)
+        except Exception as e:  # as in _check_header: any failure to decode means "skip this file"
+            raise ValueError(_reason(e)) from None
+
+
+def _decode(im: Image.Image, image_size: int) -> np.ndarray:
+    """Pixels of an opened image: EXIF orientation, 16-bit grey, transparency on white, RGB."""
+    im = ImageOps.exif_transpose(im)  # also loads the pixels: truncation fails here
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit) grey: keep the top 8 bits; convert("L") would clip.
+        bits = 16 if im.mode.startswith("I;16") else 32
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> (bits - 8)).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def load_images(
@@ -297,7 +422,7 @@ def decode_images(paths: list[Path], image_size: int, out: np.ndarray | None = N
     return x[:count], errors
 
 
-CACHE_VERSION = 1  # bump when read_image's output changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when read_image's output or the entry format changes, so old entries are not reused
 
 
 def _cache_key(root: Path, records: list[ImageRecord], image_size: int) -> str:
@@ -313,24 +438,74 @@ def _cache_key(root: Path, records: list[ImageRecord], image_size: int) -> str:
     return h.hexdigest()[:24]
 
 
+def cache_folder(cache_dir: Path) -> Path:
+    """The ``--cache_dir`` folder, created private, and refused when someone else could
+    plant entries in it: it must belong to this user and not be writable by others."""
+    cache_dir = Path(cache_dir)
+    with contextlib.suppress(OSError):  # ensure_writable_dir says what went wrong
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_writable_dir(cache_dir, "cache")
+    st = os.stat(cache_dir)
+    if st.st_uid != os.geteuid():
+        raise DataError(
+            f"refusing the cache folder {cache_dir}: it belongs to another user (uid {st.st_uid}), who could "
+            "change the images it holds; give --cache_dir a folder of your own"
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise DataError(
+            f"refusing the cache folder {cache_dir}: everyone may write to it, so anyone could change the images it "
+            f"holds; `chmod o-w {cache_dir}`, or give --cache_dir a folder of your own"
+        )
+    return cache_dir
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _valid_entry(index: dict, records: list[ImageRecord], image_size: int, pixels: Path) -> list | None:
+    """An entry's error list if the entry is whole and its pixels are the ones it recorded; else None.
+
+    Nothing in the folder is trusted: the index must have the expected shape, and the
+    pixel file must be a regular file of the recorded size and SHA-256 (about 0.1 s per
+    100 MB, far less than decoding again).
+    """
+    errors = index.get("errors") if isinstance(index, dict) else None
+    if not isinstance(errors, list) or len(errors) != len(records) or index.get("image_size") != image_size:
+        return None
+    if not all(e is None or (isinstance(e, str) and 0 < len(e) <= 300) for e in errors):
+        return None
+    count = sum(e is None for e in errors)
+    st = os.lstat(pixels)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != count * image_size * image_size * 3:
+        return None
+    return errors if index.get("sha256") == _file_sha256(pixels) else None
+
+
 def _load_cached(cache_dir: Path, root: Path, records: list[ImageRecord], image_size: int):
     """The disk cache behind ``load_images(..., cache_dir=...)``: ``(memmap, errors)``.
 
     Two files per cache entry: ``KEY.u8`` (the pixels of the readable images, in order)
-    and ``KEY.json`` (which files failed, and why). Both are written under temporary
-    names and renamed into place, the JSON last, so an entry is complete or absent.
+    and ``KEY.json`` (which files failed and why, and the pixels' SHA-256). Both are
+    written under unpredictable temporary names created exclusively (never through a
+    planted link) and renamed into place, the JSON last, so an entry is complete or
+    absent. An entry that does not verify is decoded again.
     """
-    ensure_writable_dir(cache_dir, "cache")
+    cache_dir = cache_folder(cache_dir)
     key = _cache_key(root, records, image_size)
     pixels, index = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
     shape = (image_size, image_size, 3)
     try:
-        errors = json.loads(index.read_text())["errors"]
-        count = sum(e is None for e in errors)
-        if len(errors) == len(records) and pixels.stat().st_size == count * int(np.prod(shape)):
-            return _open_memmap(pixels, count, shape), errors
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # absent or unusable: decode again
+        errors = _valid_entry(json.loads(index.read_text()), records, image_size, pixels)
+        if errors is not None:
+            return _open_memmap(pixels, sum(e is None for e in errors), shape), errors
+        log.warning(f"the cache entry {index.name} in {cache_dir} does not match its images; decoding them again")
+    except (OSError, ValueError):
+        pass  # absent or unreadable: decode again
     with atomic_output(pixels) as tmp:
         out = np.memmap(tmp, np.uint8, "r+", shape=(max(1, len(records)), *shape))  # NumPy cannot map 0 bytes
         x, errors = decode_images([root / r.relpath for r in records], image_size, out=out)
@@ -338,7 +513,9 @@ def _load_cached(cache_dir: Path, root: Path, records: list[ImageRecord], image_
         out.flush()
         del out, x
         os.truncate(tmp, count * int(np.prod(shape)))
-    write_json(index, {"image_size": image_size, "files": [shown(r.relpath) for r in records], "errors": errors})
+        digest = _file_sha256(tmp)
+    entry = {"image_size": image_size, "sha256": digest, "files": [shown(r.relpath) for r in records], "errors": errors}
+    write_json(index, entry)
     return _open_memmap(pixels, count, shape), errors
 
 

@@ -5,7 +5,9 @@
   on a machine without GPUs).
 - ``multiworker``: ``tf.distribute.MultiWorkerMirroredStrategy`` across the machines
   listed in the standard ``TF_CONFIG`` environment variable (what Kubeflow's TFJob and
-  similar operators set for each pod).
+  similar operators set for each pod). Without one, :func:`join_cluster` writes it from
+  the scheduler's own environment: a Slurm step (``srun``), else a Kubernetes Indexed
+  Job. An explicit TF_CONFIG always wins.
 - ``auto``: ``mirrored`` when more than one GPU is visible, else ``none``.
 
 ``--batch_size`` stays per replica: the global batch is ``batch_size * replicas`` and the
@@ -24,7 +26,7 @@ import os
 import types
 from dataclasses import dataclass
 
-from .config import DISTRIBUTE_KINDS
+from .config import DISTRIBUTE_KINDS, ClusterConfig
 from .errors import SimpleCNNError, UsageError
 from .quiet import import_tensorflow
 
@@ -111,23 +113,144 @@ class Cluster:
             ) from None
 
 
-def _tf_config() -> dict:
-    text = os.environ.get("TF_CONFIG", "")
+def _tf_config(text: str | None = None) -> dict:
+    """TF_CONFIG read: ``{"workers": n, "index": this task, "addresses": [...]}``, chief first."""
+    text = os.environ.get("TF_CONFIG", "") if text is None else text
     try:
         config = json.loads(text) if text else {}
         tasks = config.get("cluster", {})
         task = config["task"]
-        chiefs = len(tasks.get("chief", []))
+        chiefs = list(tasks.get("chief", []))
+        addresses = [str(a) for a in chiefs + list(tasks.get("worker", []))]
         return {
-            "workers": chiefs + len(tasks.get("worker", [])),
+            "workers": len(addresses),
             # one numbering for every task: the chief first, then the workers
-            "index": int(task["index"]) + (chiefs if task["type"] == "worker" else 0),
+            "index": int(task["index"]) + (len(chiefs) if task["type"] == "worker" else 0),
+            "addresses": addresses,
         }
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UsageError(
             'TF_CONFIG must be JSON like {"cluster": {"worker": ["host1:port", "host2:port"]}, '
             f'"task": {{"type": "worker", "index": 0}}}}; got {text[:80]!r}'
         ) from None
+
+
+@dataclass(frozen=True)
+class Membership:
+    """This worker's place in a multi-worker cluster, and who told it."""
+
+    source: str  # "TF_CONFIG", "Slurm" or "Kubernetes Indexed Job"
+    rank: int
+    addresses: list[str]
+
+    def describe(self) -> list[str]:
+        role = " (the chief)" if self.rank == 0 else ""
+        return [
+            f"Cluster from {self.source}: this is worker {self.rank} of {len(self.addresses)}{role}",
+            f"Workers: {', '.join(self.addresses)}",
+        ]
+
+
+def discover(settings: ClusterConfig | None = None, env=None) -> Membership:
+    """Where this worker stands: an explicit TF_CONFIG wins, then Slurm, then an Indexed Job.
+
+    Raises UsageError (one line) for anything inconsistent, before any work.
+    """
+    settings, env = settings or ClusterConfig(), os.environ if env is None else env
+    if env.get("TF_CONFIG"):
+        found = _tf_config(env["TF_CONFIG"])
+        membership = Membership("TF_CONFIG", found["index"], found["addresses"])
+    elif "SLURM_PROCID" in env:
+        membership = _from_slurm(env, settings.worker_port)
+    elif "JOB_COMPLETION_INDEX" in env:
+        membership = _from_indexed_job(env, settings)
+    else:
+        raise UsageError(
+            "--distribute multiworker needs to know its cluster: set TF_CONFIG on each worker, run it in a Slurm step "
+            "(srun), or in a Kubernetes Indexed Job with --workers and --worker_hosts (see README)"
+        )
+    n = len(membership.addresses)
+    if n < 2:
+        raise UsageError(
+            f"{membership.source} describes {n} worker: --distribute multiworker needs two or more "
+            "(on one machine, use --distribute none or mirrored)"
+        )
+    if not 0 <= membership.rank < n:
+        raise UsageError(f"this worker's index {membership.rank} is outside the {n} workers that {membership.source} lists")
+    if len(set(membership.addresses)) < n:
+        raise UsageError(f"{membership.source} gives two workers the same address: {', '.join(membership.addresses)}")
+    return membership
+
+
+def join_cluster(settings: ClusterConfig | None = None) -> Membership:
+    """Find this worker's cluster (:func:`discover`) and write it as TF_CONFIG, the form
+    TensorFlow's own resolver (and every later step) reads. Call it before training."""
+    membership = discover(settings)
+    if membership.source != "TF_CONFIG":
+        os.environ["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": membership.addresses}, "task": {"type": "worker", "index": membership.rank}}
+        )
+    return membership
+
+
+def _integer(env, name: str) -> int:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError):
+        raise UsageError(f"{name} must be a whole number, not {env.get(name)!r}") from None
+
+
+def _from_slurm(env, port: int) -> Membership:
+    """One address per Slurm task, in the order of Slurm's node list; a node's tasks take
+    consecutive ports; SLURM_PROCID is this task's rank.
+
+    The node list and tasks-per-node syntax (``node[01-03,07],gpu-a``, ``2(x3),1``) are
+    parsed by TensorFlow's own SlurmClusterResolver functions. Not that resolver itself:
+    it sorts the nodes by name, which disagrees with SLURM_PROCID when Slurm's node
+    order is not alphabetical, and it calls nvidia-smi.
+    """
+    import_tensorflow()
+    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
+        expand_hostlist,
+        expand_tasks_per_node,
+    )
+
+    name = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+    try:
+        hosts = expand_hostlist(env.get(name, ""))
+        if not hosts or not all(hosts):
+            raise ValueError("empty")
+    except (ValueError, AssertionError):
+        raise UsageError(f"cannot read Slurm's node list {name}={env.get(name, '')!r}: is this an srun step?") from None
+    per_node_name = "SLURM_STEP_TASKS_PER_NODE" if env.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+    try:
+        per_node = expand_tasks_per_node(env[per_node_name]) if env.get(per_node_name) else [1] * len(hosts)
+    except ValueError:
+        raise UsageError(f"cannot read {per_node_name}={env[per_node_name]!r}") from None
+    if len(per_node) != len(hosts):
+        raise UsageError(f"{per_node_name} names {len(per_node)} nodes but {name} {len(hosts)}")
+    addresses = [f"{host}:{port + k}" for host, tasks in zip(hosts, per_node) for k in range(tasks)]
+    count_name = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    if env.get(count_name) and _integer(env, count_name) != len(addresses):
+        raise UsageError(f"{count_name}={env[count_name]} but the node list holds {len(addresses)} tasks")
+    return Membership("Slurm", _integer(env, "SLURM_PROCID"), addresses)
+
+
+def _from_indexed_job(env, settings: ClusterConfig) -> Membership:
+    """Worker ``i`` at ``--worker_hosts`` with ``{index}`` = i; this pod's JOB_COMPLETION_INDEX is its rank."""
+    if settings.workers is None or settings.worker_hosts is None:
+        raise UsageError(
+            "in a Kubernetes Indexed Job, --distribute multiworker needs --workers N and --worker_hosts PATTERN "
+            "(e.g. 'JOB-{index}.SERVICE'), as in deploy/kubernetes/indexed-job.yaml"
+        )
+    addresses = []
+    for i in range(settings.workers):
+        try:
+            address = settings.worker_hosts.format(index=i, port=settings.worker_port + i)
+        except (KeyError, IndexError, ValueError):
+            raise UsageError(f"--worker_hosts {settings.worker_hosts!r} may hold only {{index}} and {{port}}") from None
+        addresses.append(address if ":" in address else f"{address}:{settings.worker_port}")
+    return Membership("Kubernetes Indexed Job", _integer(env, "JOB_COMPLETION_INDEX"), addresses)
 
 
 def make_cluster(kind: str) -> Cluster:
@@ -143,7 +266,7 @@ def make_cluster(kind: str) -> Cluster:
     if kind != "multiworker":
         raise UsageError(f"--distribute must be one of {', '.join(DISTRIBUTE_KINDS)}, not {kind}")
     if not os.environ.get("TF_CONFIG"):
-        raise UsageError("--distribute multiworker needs the TF_CONFIG environment variable on each worker (see README)")
+        raise UsageError("--distribute multiworker needs its cluster: call distribute.join_cluster() first (see README)")
     config = _tf_config()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     return Cluster(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
 
-from . import data, plots
-from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
+from . import data, metrics, plots
+from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, TrainConfig
 from .errors import DataError
-from .files import ensure_writable_dir, write_json
+from .files import atomic_output, ensure_writable_dir, write_json
 from .formats import load_model, read_metadata
 from .results import TestResult
 
@@ -20,18 +22,22 @@ def evaluate(
     images_dir=DEFAULT_IMAGES_DIR,
     batch_size: int = TrainConfig.batch_size,
     cache_dir=None,
+    min_confidence: float = ClassifyConfig.min_confidence,
 ) -> TestResult:
     """Evaluate ``model_path`` on the test split of ``dataset_path``.
 
     The split is recomputed from the settings stored in the model file, so it is the
-    one training held out. Writes ``confusion_matrix.png``, ``examples_test_images.png``
-    and ``metrics.json`` to ``images_dir`` and returns the metrics. ``cache_dir``: as
-    in ``data.load_images``.
+    one training held out. Writes ``confusion_matrix.png``, ``examples_test_images.png``,
+    ``reliability_diagram.png``, ``mistakes.png``, ``mistakes.csv`` and ``metrics.json``
+    to ``images_dir`` and returns the metrics. ``cache_dir``: as in ``data.load_images``.
+    ``min_confidence``: also report the share of test images answered at that confidence
+    and the accuracy on them (classify answers "unknown" below it).
     """
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, log_loss
-
+    ClassifyConfig(min_confidence=min_confidence)
     metadata = read_metadata(model_path)
     images_dir = ensure_writable_dir(Path(images_dir), "images")
+    if cache_dir is not None:
+        cache_dir = data.cache_folder(cache_dir)  # refused before any work
     class_names = metadata["class_names"]
     dataset = data.scan_dataset(Path(dataset_path), metadata["val_split"], metadata["test_split"])
     if dataset.class_names != class_names:
@@ -40,35 +46,24 @@ def evaluate(
             f"those the model {model_path} was trained on ({', '.join(class_names)}): "
             "test on the dataset the model was trained on"
         )
-    x, y = data.load_images(dataset, dataset.split("test"), metadata["image_size"], cache_dir)
+    records = dataset.split("test")
+    x, y = data.load_images(dataset, records, metadata["image_size"], cache_dir)
     if len(x) == 0:
         raise DataError(
             f"the test split of {dataset.root} holds no readable images: add images or retrain with a larger --test_split"
         )
+    unreadable = {relpath for relpath, _ in dataset.skipped}
+    files = [r.relpath for r in records if r.relpath not in unreadable]  # the rows of x, in order
 
     model, _ = load_model(model_path)
     probabilities = model.predict(data.make_tf_dataset(x, y, batch_size), verbose=0)
+    result = score(probabilities, y, class_names, metadata, min_confidence)
+    result.model_file_path, result.dataset_path = str(model_path), str(dataset.root)
+    result.skipped = dataset.skipped_list()
     predicted = probabilities.argmax(axis=1)
-    labels = list(range(len(class_names)))
-    matrix = confusion_matrix(y, predicted, labels=labels)
-
-    result = TestResult(
-        model_file_path=str(model_path),
-        dataset_path=str(dataset.root),
-        test_images=int(len(y)),
-        skipped=dataset.skipped_list(),
-        accuracy=float(accuracy_score(y, predicted)),
-        # Cross-entropy from the same predictions: one pass over the test split, not a
-        # second one through model.evaluate().
-        loss=float(log_loss(y, probabilities, labels=labels)),
-        chance_accuracy=float(np.bincount(y, minlength=len(labels)).max() / len(y)),
-        class_names=class_names,
-        per_class=classification_report(y, predicted, labels=labels, target_names=class_names, output_dict=True, zero_division=0),
-        confusion_matrix=matrix.tolist(),
-        report=classification_report(y, predicted, labels=labels, target_names=class_names, zero_division=0),
-    )
+    worst = metrics.worst_mistakes(probabilities, y)
     written = [
-        plots.confusion_matrix(matrix, class_names, images_dir / "confusion_matrix.png"),
+        plots.confusion_matrix(np.array(result.confusion_matrix), class_names, images_dir / "confusion_matrix.png"),
         plots.sample_grid(
             x,
             lambda i: f"true: {class_names[y[i]]}\npredicted: {class_names[predicted[i]]}",
@@ -76,8 +71,85 @@ def evaluate(
             "Test images",
             seed=0,
         ),
+        plots.reliability_diagram(result.calibration["bins"], result.calibration["ece"], images_dir / "reliability_diagram.png"),
+        write_mistakes(images_dir / "mistakes.csv", worst, files, probabilities, y, class_names),
+        plots.image_grid(
+            x[worst[:16]],
+            [
+                f"true: {class_names[y[i]]}\npredicted: {class_names[predicted[i]]} ({probabilities[i].max():.2f})"
+                for i in worst[:16]
+            ],
+            images_dir / "mistakes.png",
+            f"The {min(16, len(worst))} worst mistakes of {len(worst)}",
+            columns=4,
+        )
+        if len(worst)
+        else None,
         images_dir / "metrics.json",
     ]
-    result.images_written = [str(p) for p in written]
+    result.images_written = [str(p) for p in written if p is not None]
     write_json(images_dir / "metrics.json", result.as_dict())
     return result
+
+
+def score(probabilities: np.ndarray, y: np.ndarray, class_names: list[str], metadata: dict, min_confidence: float) -> TestResult:
+    """Every test metric of ``probabilities`` against the labels ``y`` (scikit-learn's where it has them)."""
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        classification_report,
+        confusion_matrix,
+        f1_score,
+        log_loss,
+        top_k_accuracy_score,
+    )
+
+    predicted = probabilities.argmax(axis=1)
+    labels = list(range(len(class_names)))
+    correct = int((predicted == y).sum())
+    k = min(ClassifyConfig.top_k, len(labels) - 1)
+    temperature = (metadata.get("calibration") or {}).get("temperature")
+    uncalibrated = metrics.rescale(probabilities, 1 / temperature) if temperature else probabilities
+    answered = probabilities.max(axis=1) >= min_confidence
+    return TestResult(
+        model_file_path="",
+        dataset_path="",
+        test_images=int(len(y)),
+        skipped=[],
+        accuracy=correct / len(y),
+        accuracy_interval=list(metrics.wilson_interval(correct, len(y))),
+        balanced_accuracy=float(balanced_accuracy_score(y, predicted)),
+        macro_f1=float(f1_score(y, predicted, labels=labels, average="macro", zero_division=0)),
+        top_k_accuracy={"k": k, "accuracy": float(top_k_accuracy_score(y, probabilities, k=k, labels=labels))} if k > 1 else None,
+        # Cross-entropy from the same predictions: one pass over the test split, not a
+        # second one through model.evaluate().
+        loss=float(log_loss(y, probabilities, labels=labels)),
+        chance_accuracy=float(np.bincount(y, minlength=len(labels)).max() / len(y)),
+        calibration={
+            "ece": metrics.expected_calibration_error(probabilities, y),
+            "ece_uncalibrated": metrics.expected_calibration_error(uncalibrated, y) if temperature else None,
+            "temperature": temperature,
+            "bins": metrics.reliability_bins(probabilities, y),
+        },
+        min_confidence=min_confidence or None,
+        coverage=float(answered.mean()) if min_confidence else None,
+        accuracy_answered=float((predicted == y)[answered].mean()) if min_confidence and answered.any() else None,
+        class_names=class_names,
+        per_class=classification_report(y, predicted, labels=labels, target_names=class_names, output_dict=True, zero_division=0),
+        confusion_matrix=confusion_matrix(y, predicted, labels=labels).tolist(),
+        report=classification_report(y, predicted, labels=labels, target_names=class_names, zero_division=0),
+    )
+
+
+def write_mistakes(path: Path, worst: np.ndarray, files: list[str], probabilities: np.ndarray, y: np.ndarray, names) -> Path:
+    """Every misclassified test image, the worst (highest loss) first, as CSV."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file", "true_class", "predicted_class", "probability_predicted", "probability_true", "loss"])
+    for i in worst:
+        p, guess = probabilities[i], int(probabilities[i].argmax())
+        loss = -np.log(max(float(p[y[i]]), 1e-12))
+        row = [data.shown(files[i]), names[y[i]], names[guess], f"{p[guess]:.4f}", f"{p[y[i]]:.4f}", f"{loss:.4f}"]
+        writer.writerow([data.csv_cell(c) for c in row])
+    with atomic_output(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    return path

@@ -14,7 +14,13 @@ def export(model_path, fmt: str) -> ExportResult:
     if fmt not in WRITERS:
         raise DataError(f"unknown export format {fmt}: choose one of {', '.join(WRITERS)}")
     model, metadata = formats.load_model(model_path)
-    files = [str(WRITERS[fmt](model, model_path, metadata))]
+    if fmt == "tflite":  # bind the model file to its new LiteRT copy (see formats.write_tflite)
+        embedded = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
+        path, digest = formats.write_tflite(model, model_path, embedded)
+        formats.rewrite_metadata(model_path, embedded | {formats.LITERT_SHA256: digest})
+        files = [str(path)]
+    else:
+        files = [str(WRITERS[fmt](model, model_path, metadata))]
     if fmt != "savedmodel":
         files.append(str(formats.write_labels(model_path, metadata["class_names"])))
     return ExportResult(format=fmt, model_file_path=str(model_path), written=files)

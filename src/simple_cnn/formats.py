@@ -24,11 +24,15 @@ Every file is written atomically (``files.atomic_output``, ``files.atomic_dir``)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import os
+import shutil
 import zipfile
 from pathlib import Path
 
+from .data import MAX_PIXELS
 from .errors import DataError, UsageError
 from .files import atomic_dir, atomic_output
 from .quiet import import_keras, import_tensorflow
@@ -37,6 +41,7 @@ MODEL_SUFFIXES = (".keras", ".h5")
 METADATA_MEMBER = "simple_cnn.json"  # an extra member of the .keras zip archive
 METADATA_ATTR = "simple_cnn_metadata"  # a root attribute of the .h5 file
 TFLITE_METADATA_NAME = "simple_cnn"
+LITERT_SHA256 = "litert_sha256"  # the metadata key binding a model file to its LiteRT copy
 TRAIN_HINT = "train one first: simple-cnn --mode train --dataset_path DATASET --model_file_path {path}"
 
 
@@ -63,6 +68,25 @@ def save_model(model, path, metadata: dict) -> None:
         else:
             import h5py
 
+            with h5py.File(tmp, "a") as f:
+                f.attrs[METADATA_ATTR] = text
+
+
+def rewrite_metadata(path, metadata: dict) -> None:
+    """Replace the metadata inside an existing model file, atomically (the network is copied as it is)."""
+    path = check_model_path(path)
+    text = json.dumps(metadata, ensure_ascii=False)
+    with atomic_output(path) as tmp:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w") as dst:
+                for info in src.infolist():
+                    if info.filename != METADATA_MEMBER:
+                        dst.writestr(info, src.read(info))
+                dst.writestr(METADATA_MEMBER, text)
+        else:
+            import h5py
+
+            shutil.copyfile(path, tmp)
             with h5py.File(tmp, "a") as f:
                 f.attrs[METADATA_ATTR] = text
 
@@ -140,8 +164,13 @@ def _converter_quiet():
         yield
 
 
-def write_tflite(model, model_path, metadata: dict) -> Path:
-    """Convert ``model`` to LiteRT beside ``model_path``, with ``metadata`` inside."""
+def write_tflite(model, model_path, metadata: dict) -> tuple[Path, str]:
+    """Convert ``model`` to LiteRT beside ``model_path``, with ``metadata`` inside.
+
+    Returns the path and the file's SHA-256, which the caller stores in the model
+    file's metadata (``LITERT_SHA256``): classify runs a LiteRT copy only when its bytes
+    have exactly that digest, so a ``.tflite`` planted beside a model is never used.
+    """
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -156,14 +185,36 @@ def write_tflite(model, model_path, metadata: dict) -> Path:
     entry.name = TFLITE_METADATA_NAME
     entry.buffer = len(tree.buffers) - 1
     tree.metadata = [*(tree.metadata or []), entry]
+    content = bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
     path = tflite_path(model_path)
     with atomic_output(path) as tmp:
-        tmp.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(tree)))
-    return path
+        tmp.write_bytes(content)
+    return path, hashlib.sha256(content).hexdigest()
+
+
+def read_verified(path: Path, sha256: str | None, limit: int = 1 << 30) -> bytes | None:
+    """The bytes of ``path`` if they have the SHA-256 ``sha256``; else None.
+
+    The bytes returned are the bytes checked (read once, no second open between the
+    check and their use). Anything but a regular file of at most ``limit`` bytes is None.
+    """
+    from .data import open_regular_file
+
+    if not sha256:
+        return None
+    try:
+        with open_regular_file(path) as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                return None
+            content = f.read(limit + 1)
+    except (OSError, ValueError):
+        return None
+    return content if hashlib.sha256(content).hexdigest() == sha256 else None
 
 
 def read_tflite_metadata(path) -> dict | None:
-    """simple_cnn's metadata inside a .tflite file, or None (no file, or none inside)."""
+    """simple_cnn's metadata inside a .tflite file, or None (no file, none inside, or a
+    file the flatbuffer reader cannot parse: truncated or corrupt)."""
     from ai_edge_litert import schema_py_generated as schema
 
     try:
@@ -172,8 +223,9 @@ def read_tflite_metadata(path) -> dict | None:
         for i in range(model.MetadataLength()):
             entry = model.Metadata(i)
             if entry.Name() and entry.Name().decode() == TFLITE_METADATA_NAME:
-                return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-    except (OSError, ValueError, IndexError, AttributeError):
+                metadata = json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+                return metadata if isinstance(metadata, dict) else None
+    except Exception:  # noqa: BLE001 (flatbuffers raises struct.error, TypeError, IndexError, ... on bad bytes)
         return None
     return None
 
@@ -183,6 +235,38 @@ def write_labels(model_path, class_names) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
     return path
+
+
+def _declared_pixels(tf, data):
+    """Width x height as an encoded image's header declares it, read before decoding (TF ops).
+
+    JPEG (from its frame header), PNG, GIF and BMP; any other bytes count as too many, so
+    that ``decode_image`` never allocates for a decompression bomb or an unknown format.
+    """
+    head = tf.cast(tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, b"\0" * 32]), 0, 32), tf.uint8), tf.int64)
+
+    def big_endian32(i):
+        return head[i] * 2**24 + head[i + 1] * 2**16 + head[i + 2] * 2**8 + head[i + 3]
+
+    def little_endian(i, n):
+        value = sum(head[i + k] * 256**k for k in range(n))
+        return tf.abs(tf.where(value >= 2 ** (8 * n - 1), value - 2 ** (8 * n), value)) if n == 4 else value
+
+    def starts(prefix):
+        return tf.equal(tf.strings.substr(data, 0, len(prefix)), prefix)
+
+    too_many = tf.constant(MAX_PIXELS + 1, tf.int64)
+    jpeg = tf.cond(
+        starts(b"\xff\xd8"), lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)), lambda: too_many
+    )
+    return tf.case(
+        [
+            (starts(b"\x89PNG\r\n\x1a\n"), lambda: big_endian32(16) * big_endian32(20)),
+            (starts(b"GIF8"), lambda: little_endian(6, 2) * little_endian(8, 2)),
+            (starts(b"BM"), lambda: little_endian(18, 4) * little_endian(22, 4)),
+        ],
+        default=lambda: jpeg,
+    )
 
 
 def write_savedmodel(model, model_path, metadata: dict) -> Path:
@@ -197,7 +281,14 @@ def write_savedmodel(model, model_path, metadata: dict) -> Path:
         return {"probabilities": p, "classes": tf.gather(labels, tf.argmax(p, axis=1)), "scores": tf.reduce_max(p, axis=1)}
 
     def decode(data):
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        pixels = _declared_pixels(tf, data)
+        check = tf.debugging.assert_less_equal(
+            pixels,
+            tf.constant(MAX_PIXELS, tf.int64),
+            message=f"refused: not a JPEG, PNG, GIF or BMP, or over {MAX_PIXELS:,} pixels",
+        )
+        with tf.control_dependencies([check]):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
         return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
 
     def serve_bytes(image_bytes):

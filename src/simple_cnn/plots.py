@@ -38,11 +38,11 @@ def training_curves(history: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def image_grid(images, titles: list[str], path: Path, title: str) -> Path:
-    """Up to 9 uint8 images in a 3x3 grid, each with its title."""
-    n = min(9, len(images))
-    cols = min(3, n)
-    rows = max(1, math.ceil(n / 3))
+def image_grid(images, titles: list[str], path: Path, title: str, columns: int = 3) -> Path:
+    """uint8 images in a grid of ``columns`` columns, each with its title."""
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -59,6 +59,32 @@ def sample_grid(images, title_of, path: Path, title: str, seed: int) -> Path:
 
     pick = np.random.default_rng(seed).choice(len(images), size=min(9, len(images)), replace=False)
     return image_grid(images[pick], [title_of(i) for i in pick], path, title)
+
+
+def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
+    """Accuracy against confidence per bin (metrics.reliability_bins): a calibrated model's
+    bars follow the diagonal. Bar widths are the bins; the counts are printed on them."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    used = [b for b in bins if b["count"]]
+    ax.bar(
+        [b["low"] for b in used],
+        [b["accuracy"] for b in used],
+        width=[b["high"] - b["low"] for b in used],
+        align="edge",
+        edgecolor="black",
+        alpha=0.8,
+        label="accuracy in the bin",
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    for b in used:
+        ax.text((b["low"] + b["high"]) / 2, 0.02, str(b["count"]), ha="center", fontsize=7, rotation=90)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram (test split), ECE {ece:.3f}")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
 
 
 def confusion_matrix(matrix, class_names: list[str], path: Path) -> Path:

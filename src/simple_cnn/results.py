@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+UNKNOWN = "unknown"  # classify's answer below --min_confidence
+
 
 @dataclass
 class Result:
@@ -44,6 +46,8 @@ class TrainResult(Result):
     model_file_path: str
     distribute: dict
     tflite_file_path: str | None = None
+    calibration: dict | None = None  # the temperature and the validation ECE before and after
+    imbalance: float | None = None  # the largest class over the smallest, in the training split
     images_written: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
 
@@ -91,8 +95,16 @@ class TestResult(Result):
     test_images: int
     skipped: list[dict]
     accuracy: float
+    accuracy_interval: list[float]  # 95% Wilson score interval
+    balanced_accuracy: float  # the mean of the per-class recalls
+    macro_f1: float
+    top_k_accuracy: dict | None  # {"k", "accuracy"}, with 3 or more classes
     loss: float
     chance_accuracy: float  # the majority class's share: what always guessing it scores
+    calibration: dict  # ece, ece_uncalibrated, temperature, bins (15 equal-width confidence bins)
+    min_confidence: float | None  # with --min_confidence: the share answered and their accuracy
+    coverage: float | None
+    accuracy_answered: float | None
     class_names: list[str]
     per_class: dict
     confusion_matrix: list[list[int]]
@@ -104,11 +116,31 @@ class TestResult(Result):
         d.pop("report")
         return d
 
+    def _calibration_line(self) -> str:
+        c = self.calibration
+        before = f" (uncalibrated: {c['ece_uncalibrated']:.3f}, temperature {c['temperature']:.2f})" if c["temperature"] else ""
+        return f"Expected calibration error {c['ece']:.3f}{before}"
+
+    def _coverage_lines(self) -> list[str]:
+        if self.min_confidence is None:
+            return []
+        answered = f"{self.accuracy_answered:.3f}" if self.accuracy_answered is not None else "none answered"
+        return [f"At --min_confidence {self.min_confidence:g}: {self.coverage:.1%} of test images answered, accuracy {answered}"]
+
     def human(self) -> str:
         return "\n".join(
             [
                 f"Test split of {self.dataset_path}: {self.test_images} images, {len(self.skipped)} files skipped",
-                f"Accuracy {self.accuracy:.3f} (chance {self.chance_accuracy:.3f}), loss {self.loss:.3f}",
+                f"Accuracy {self.accuracy:.3f} (95% interval {self.accuracy_interval[0]:.3f}-{self.accuracy_interval[1]:.3f}; "
+                f"always guessing the largest class: {self.chance_accuracy:.3f}), loss {self.loss:.3f}",
+                f"Balanced accuracy {self.balanced_accuracy:.3f}, macro-F1 {self.macro_f1:.3f}"
+                + (
+                    f", top-{self.top_k_accuracy['k']} accuracy {self.top_k_accuracy['accuracy']:.3f}"
+                    if self.top_k_accuracy
+                    else ""
+                ),
+                self._calibration_line(),
+                *self._coverage_lines(),
                 self.report.rstrip(),
                 f"Wrote {', '.join(self.images_written)}",
             ]
@@ -124,23 +156,33 @@ class ClassifyResult(Result):
     model_file_path: str
     runtime: str  # "litert" or "keras"
     top_k: list[dict]  # {"class", "probability"}, most likely first
+    min_confidence: float = 0.0  # below it, the answer is "unknown"
+
+    @property
+    def answer(self) -> str:
+        first = self.top_k[0]
+        return first["class"] if first["probability"] >= self.min_confidence else UNKNOWN
 
     def as_dict(self) -> dict:
-        top = self.top_k[0]
         return {
             "mode": self.mode,
             "image": self.image,
             "model_file_path": self.model_file_path,
             "runtime": self.runtime,
-            "class": top["class"],
-            "probability": top["probability"],
+            "class": self.answer,
+            "probability": self.top_k[0]["probability"],
             "top_k": self.top_k,
         }
 
     def human(self) -> str:
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in self.top_k)
         first = self.top_k[0]
-        return f"{self.image}: {first['class']} (probability {first['probability']:.3f})\nTop {len(self.top_k)}: {top}"
+        if self.answer == UNKNOWN:
+            best = f"{first['class']}, has {first['probability']:.3f} < {self.min_confidence:g}"
+            head = f"{self.image}: unknown (the most likely, {best})"
+        else:
+            head = f"{self.image}: {first['class']} (probability {first['probability']:.3f})"
+        return f"{head}\nTop {len(self.top_k)}: {top}"
 
 
 @dataclass

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, distribute, plots
+from . import __version__, data, distribute, metrics, plots
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
 from .errors import DataError
 from .files import ensure_writable_dir
-from .formats import check_model_path, save_model, write_tflite
+from .formats import LITERT_SHA256, check_model_path, save_model, write_tflite
 from .model import build_model
 from .quiet import import_keras, import_tensorflow
 from .results import TrainResult, WorkerResult
@@ -65,6 +65,8 @@ def train(
     model_path = check_model_path(model_path)
     ensure_writable_dir(model_path.parent, "model")
     images_dir = ensure_writable_dir(Path(images_dir), "images")
+    if cache_dir is not None:
+        cache_dir = data.cache_folder(cache_dir)  # refused before any work
     config = config or TrainConfig()
     with RunState(model_path, distribute.worker_suffix(config.distribute)).lock() as run:
         dataset, image_size = scan(Path(dataset_path), config)
@@ -78,16 +80,10 @@ def train(
         history = run.history()
         if not cluster.is_chief:  # the chief writes the model, plots and metrics
             run.finish()
-            return WorkerResult(
-                worker=cluster.worker_index,
-                workers=cluster.workers,
-                images_used={"train": len(splits.x_train), "val": len(splits.x_val)},
-                steps_per_epoch=steps_per_epoch,
-                epochs_run=len(history["loss"]),
-                train_seconds=round(fit_seconds, 1),
-                wall_seconds=round(time.monotonic() - started, 1),
-            )
+            return worker_result(cluster, splits, history, fit_seconds, steps_per_epoch, time.monotonic() - started)
         result = summarize(dataset, splits, image_size, config, cluster, history, model_path, fit_seconds, steps_per_epoch)
+        if config.calibrate:
+            result.calibration = calibrate(model, splits.x_val, splits.y_val)
         save_outputs(model, result, config, history, dataset, splits, images_dir)
         run.finish()
     result.wall_seconds = round(time.monotonic() - started, 1)
@@ -107,6 +103,11 @@ def scan(dataset_path: Path, config: TrainConfig) -> tuple[data.Dataset, int]:
         f"Dataset {dataset.root}: {len(dataset.class_names)} classes, {len(dataset.images)} images "
         f"(train {counts['train']}, validation {counts['val']}, test {counts['test']}, held out)"
     )
+    if (ratio := imbalance(dataset)) > 3 and config.class_weight == "none":
+        log.warning(
+            f"the largest class has {ratio:.1f} times the training images of the smallest: consider "
+            "--class_weight auto, and judge the model by its balanced accuracy and macro-F1 (--mode test)"
+        )
     return dataset, config.image_size or data.auto_image_size(dataset)
 
 
@@ -119,6 +120,46 @@ def load_splits(dataset: data.Dataset, image_size: int, cluster: distribute.Clus
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"no readable images left in the train or validation split of {dataset.root}")
     return Splits(x_train, y_train, x_val, y_val)
+
+
+def imbalance(dataset: data.Dataset) -> float:
+    """The largest class over the smallest, in the training split."""
+    per_class = np.bincount([r.label for r in dataset.split("train")], minlength=len(dataset.class_names))
+    return float(per_class.max() / max(1, per_class.min()))
+
+
+def class_weights(y_train: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Keras' ``class_weight`` for inverse class frequency: n / (classes * count), as
+    scikit-learn's ``compute_class_weight("balanced")`` (which this calls)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(y_train)
+    weights = compute_class_weight("balanced", classes=present, y=y_train)
+    return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(num_classes) if c not in present}
+
+
+def calibrate(model, x_val: np.ndarray, y_val: np.ndarray) -> dict:
+    """Fit one temperature on the validation split and bake it into the network.
+
+    The output layer computes softmax(W x + b); dividing W and b by the temperature T
+    gives softmax((W x + b) / T), so every runtime and every export (LiteRT, SavedModel,
+    ONNX) gives the calibrated probabilities with no extra step. T cannot change which
+    class is most likely, so accuracy is unchanged.
+    """
+    probabilities = np.concatenate(
+        [np.asarray(model(x_val[i : i + 256].astype(np.float32), training=False)) for i in range(0, len(x_val), 256)]
+    )
+    fitted = metrics.fit_temperature(probabilities, y_val)
+    before = metrics.expected_calibration_error(probabilities, y_val)
+    after = metrics.expected_calibration_error(metrics.rescale(probabilities, fitted), y_val)
+    if after >= before:  # a small validation split can fit a temperature that does no good: keep 1
+        log.info(f"Not calibrated: a temperature of {fitted:.2f} would not lower the validation calibration error ({before:.3f})")
+        return {"temperature": 1.0, "fitted_temperature": fitted, "val_ece_before": before, "val_ece_after": before}
+    layer = model.get_layer("probabilities")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel / fitted, bias / fitted])
+    log.info(f"Calibrated on the validation split: temperature {fitted:.2f}, calibration error {before:.3f} -> {after:.3f}")
+    return {"temperature": fitted, "fitted_temperature": fitted, "val_ece_before": before, "val_ece_after": after}
 
 
 def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cluster: distribute.Cluster):
@@ -161,6 +202,7 @@ def fit(
     """
     keras = import_keras()
     global_batch, learning_rate = cluster.scale(config.batch_size, config.learning_rate)
+    weights = class_weights(splits.y_train, model.output_shape[-1]) if config.class_weight == "auto" else None
     training_callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
         learning_rate_schedule(learning_rate, config.epochs, config.warmup, config.max_minutes),
@@ -189,11 +231,25 @@ def fit(
             epochs=config.epochs,
             shuffle=False,  # the tf.data pipeline shuffles
             callbacks=run.callbacks(training_callbacks),
+            class_weight=weights,
             verbose=1 if sys.stderr.isatty() else 2,
             **steps,
         )
     run.restore_best(model)
     return time.monotonic() - started, steps.get("steps_per_epoch")
+
+
+def worker_result(cluster, splits: Splits, history: dict, fit_seconds: float, steps_per_epoch, wall_seconds: float):
+    """What a non-chief worker reports: it trained, the chief saved."""
+    return WorkerResult(
+        worker=cluster.worker_index,
+        workers=cluster.workers,
+        images_used={"train": len(splits.x_train), "val": len(splits.x_val)},
+        steps_per_epoch=steps_per_epoch,
+        epochs_run=len(history["loss"]),
+        train_seconds=round(fit_seconds, 1),
+        wall_seconds=round(wall_seconds, 1),
+    )
 
 
 def summarize(dataset, splits, image_size, config, cluster, history, model_path, fit_seconds, steps_per_epoch) -> TrainResult:
@@ -203,6 +259,7 @@ def summarize(dataset, splits, image_size, config, cluster, history, model_path,
         dataset_path=str(dataset.root),
         class_names=dataset.class_names,
         images=dataset.counts(),
+        imbalance=round(imbalance(dataset), 2),
         images_used={"train": len(splits.x_train), "val": len(splits.x_val)},
         skipped=dataset.skipped_list(),
         image_size=image_size,
@@ -235,6 +292,7 @@ def model_metadata(result: TrainResult, config: TrainConfig) -> dict:
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "simple_cnn_version": __version__,
         "keras_version": import_keras().__version__,
+        "calibration": result.calibration or {},
         "training": {
             "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
@@ -247,15 +305,17 @@ def model_metadata(result: TrainResult, config: TrainConfig) -> dict:
 def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict, dataset, splits: Splits, images_dir: Path):
     """The model file, its LiteRT copy, the training curves and example images."""
     metadata = model_metadata(result, config)
-    save_model(model, Path(result.model_file_path), metadata)
     # Training is over: drop the compiled training, evaluation and prediction graphs so
     # that the LiteRT converter reuses their memory.
     model.train_function = model.test_function = model.predict_function = None
     gc.collect()
     try:  # the LiteRT copy lets classify start without TensorFlow; without it, classify still works
-        result.tflite_file_path = str(write_tflite(model, result.model_file_path, metadata))
+        path, digest = write_tflite(model, result.model_file_path, metadata)
+        result.tflite_file_path = str(path)
+        metadata[LITERT_SHA256] = digest  # classify runs that copy only (formats.write_tflite)
     except Exception as e:  # noqa: BLE001 (any converter failure only costs speed)
         log.warning(f"could not write the LiteRT copy of the model ({str(e).splitlines()[0] if str(e) else e!r})")
+    save_model(model, Path(result.model_file_path), metadata)
     curves = plots.training_curves(history, images_dir / "training_curves.png")
     names = dataset.class_names
     examples = plots.sample_grid(

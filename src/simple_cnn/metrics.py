@@ -1,0 +1,94 @@
+"""Scoring predictions honestly: intervals, calibration and the worst mistakes.
+
+scikit-learn computes what it has (balanced accuracy, macro-F1, top-k accuracy, the
+confusion matrix); what it lacks is here, each a few lines: the Wilson score interval
+(scikit-learn has no binomial interval), the expected calibration error (ECE) and the
+single temperature that calibrates a network's probabilities (Guo et al., 2017, "On
+Calibration of Modern Neural Networks").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% interval
+ECE_BINS = 15
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion: unlike the normal approximation, it
+    stays inside [0, 1] and behaves at small ``n`` and at accuracies near 0 or 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence
+    bins weighted by how many predictions fall in each."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            gap += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(gap)
+
+
+def reliability_bins(probabilities: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """Per confidence bin: its range, mean confidence, accuracy and count (for the diagram)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        in_bin = which == b
+        out.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": int(in_bin.sum()),
+                "confidence": float(confidence[in_bin].mean()) if in_bin.any() else None,
+                "accuracy": float(correct[in_bin].mean()) if in_bin.any() else None,
+            }
+        )
+    return out
+
+
+def rescale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax probabilities as they would be with logits divided by ``temperature``."""
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the cross-entropy of ``rescale(probabilities, T)``
+    on held-out data (the validation split). One number: the ranking of classes, and so
+    the accuracy, cannot change."""
+    from scipy.optimize import minimize_scalar
+
+    rows = np.arange(len(y))
+
+    def loss(log_t):
+        return -np.log(np.clip(rescale(probabilities, math.exp(log_t))[rows, y], 1e-12, 1.0)).mean()
+
+    best = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(best.x))
+
+
+def worst_mistakes(probabilities: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the misclassified examples, the highest loss (lowest probability of the true class) first."""
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y)
+    true_p = probabilities[wrong, y[wrong]]
+    return wrong[np.argsort(true_p, kind="stable")]
