@@ -203,6 +203,9 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, help="a folder of class folders")
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget per recipe")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train.json")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run (the tests'): 1 cold start, 1 short feed round; figures not meaningful"
+    )
     parser.add_argument("--run", choices=["simple_cnn", "tutorial", "feeds"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--image_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model_out", type=Path, help=argparse.SUPPRESS)
@@ -210,7 +213,13 @@ def main() -> None:
     if args.dataset is None:
         sys.exit("give --dataset PATH (a folder of class folders)")
     if args.run == "feeds":
-        print(json.dumps(run_feeds(args.dataset, args.image_size)))
+        print(
+            json.dumps(
+                run_feeds(args.dataset, args.image_size, steps=8, rounds=1)
+                if args.quick
+                else run_feeds(args.dataset, args.image_size)
+            )
+        )
         return
     if args.run:
         print(json.dumps(run_one(args.run, args.dataset, args.minutes, args.model_out)))
@@ -233,15 +242,15 @@ def main() -> None:
         # Classifying with each trained model through our CLI: ours has its LiteRT copy;
         # the tutorial's model has none, so it runs on Keras, as the tutorial does.
         one_image = next(p for p in sorted(args.dataset.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        cold = cold_start(model_out, one_image, repeats=3)
+        cold = cold_start(model_out, one_image, repeats=1 if args.quick else 3)
         batch = throughput(model_out, args.dataset)
         rows[recipe] |= {
             "classify_runtime": batch["runtime"],
-            "classify_cold_start_seconds": round(sorted(cold)[1], 2),  # the median of 3
+            "classify_cold_start_seconds": round(sorted(cold)[len(cold) // 2], 2),  # the median
             "classify_images_per_second": batch["images_per_second"],
         }
         print(f"{recipe}: done", file=sys.stderr)
-    feeds = child("--run", "feeds", "--image_size", str(rows["simple_cnn"]["image_size"]))
+    feeds = child("--run", "feeds", "--image_size", str(rows["simple_cnn"]["image_size"]), *(["--quick"] if args.quick else []))
     print("input pipeline: done", file=sys.stderr)
 
     from simple_cnn.quiet import import_tensorflow

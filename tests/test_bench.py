@@ -20,7 +20,7 @@ def test_train_bench_compares_both_recipes_and_the_input_pipeline(tmp_path):
     dataset = make_shapes_dataset(tmp_path / "shapes", per_class=20)
     output = tmp_path / "results" / "train.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--dataset", str(dataset), "--minutes", "0.1", "--output", str(output)],
+        [sys.executable, str(BENCH), "--dataset", str(dataset), "--minutes", "0.1", "--quick", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=600,

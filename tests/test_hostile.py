@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import conftest
-from conftest import assert_one_line_error, make_shapes_dataset, run_cli, shape_image, start_cli, train_tiny_model
+from conftest import assert_one_line_error, make_shapes_dataset, run_cli, shape_image, start_cli
 from simple_cnn import data, formats
 
 IS_ROOT = os.geteuid() == 0
@@ -30,11 +31,9 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A model trained for one epoch at 24x24 pixels, with its LiteRT copy; its folder."""
-    work = tmp_path_factory.mktemp("hostile")
-    train_tiny_model(work)
-    return work
+def model(tiny_model):
+    """The folder of a model trained for one epoch at 24x24 pixels, with its LiteRT copy and its dataset ("ds")."""
+    return tiny_model.parent.parent
 
 
 def _copy_model(work: Path, tmp_path: Path) -> Path:
@@ -83,16 +82,23 @@ def test_planted_litert_copy_is_not_used(model, tmp_path):
 
 
 def test_corrupt_or_truncated_litert_copy_falls_back_to_keras(model, tmp_path):
+    from simple_cnn.classify import _litert_interpreter
+
     model_path = _copy_model(model, tmp_path)
-    genuine = (tmp_path / "m.tflite").read_bytes()
-    for broken in (genuine[: len(genuine) // 3], genuine[:7], os.urandom(5000), b""):
+    genuine, _ = _classify_json(model, model_path)
+    assert genuine["runtime"] == "litert"
+    content = (tmp_path / "m.tflite").read_bytes()
+    metadata = formats.read_metadata(model_path)
+    for broken in (content[:7], os.urandom(5000), b""):
         (tmp_path / "m.tflite").write_bytes(broken)
-        answer, stderr = _classify_json(model, model_path)
-        assert answer["runtime"] == "keras" and answer["class"] == "circle", stderr
+        assert _litert_interpreter(model_path, metadata) is None
+    (tmp_path / "m.tflite").write_bytes(content[: len(content) // 3])  # truncated: through the CLI
+    answer, stderr = _classify_json(model, model_path)
+    assert answer["runtime"] == "keras" and answer["class"] == genuine["class"], stderr
     (tmp_path / "m.tflite").unlink()
     os.mkfifo(tmp_path / "m.tflite")  # never opened for a blocking read
     answer, _ = _classify_json(model, model_path)
-    assert answer["runtime"] == "keras"
+    assert answer["runtime"] == "keras" and answer["class"] == genuine["class"]
 
 
 @pytest.fixture(scope="module")
@@ -130,44 +136,28 @@ def _cache_entry(cache: Path, marker: str) -> tuple[Path, Path]:
     raise AssertionError(f"no cache entry holds {marker}")
 
 
-def test_cache_entries_are_verified_not_trusted(tmp_path):
-    make_shapes_dataset(tmp_path / "ds", per_class=12)
-    test_args = (
-        "--mode",
-        "test",
-        "--model_file_path",
-        "models/m.keras",
-        "--dataset_path",
-        "ds",
-        "--cache_dir",
-        "cache",
-        "--json",
-    )
-    train = run_cli(
-        "--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--model_file_path", "models/m.keras", cwd=tmp_path
-    )
-    assert train.returncode == 0, train.stderr
+def test_cache_entries_are_verified_not_trusted(model, tmp_path, caplog):
+    model_path, dataset = model / "models" / "cnn_model.keras", model / "ds"
+    test_args = ("--mode", "test", "--model_file_path", model_path, "--dataset_path", dataset, "--cache_dir", "cache", "--json")
     first = run_cli(*test_args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    expected = json.loads(first.stdout)["confusion_matrix"]
+    expected = json.loads(first.stdout)
     cache = tmp_path / "cache"
     assert cache.stat().st_mode & 0o777 == 0o700  # created private
-    ds = data.scan_dataset(tmp_path / "ds")
-    test_files = [r.relpath for r in ds.split("test")]
-    pixels, index = _cache_entry(cache, test_files[0])
+    ds = data.scan_dataset(dataset)
+    records = ds.split("test")
+    pixels, index = _cache_entry(cache, records[0].relpath)
+    fresh, _ = data.load_images(ds, records, 24)  # decoded, no cache
 
-    def tamper_and_check(tamper):
-        tamper()
-        again = run_cli(*test_args, cwd=tmp_path)
-        assert again.returncode == 0, again.stderr
-        assert json.loads(again.stdout)["confusion_matrix"] == expected
-        assert "does not match its images" in again.stderr
-        assert json.loads(again.stdout)["test_images"] == len(test_files)
-
-    def flip_pixels():  # the same size, other pixels
-        raw = bytearray(pixels.read_bytes())
-        raw[: len(raw) // 2] = bytes(len(raw) // 2)
-        pixels.write_bytes(bytes(raw))
+    # Pixels changed in place, at the same size: through the CLI.
+    raw = bytearray(pixels.read_bytes())
+    raw[: len(raw) // 2] = bytes(len(raw) // 2)
+    pixels.write_bytes(bytes(raw))
+    again = run_cli(*test_args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "does not match its images" in again.stderr
+    assert json.loads(again.stdout)["confusion_matrix"] == expected["confusion_matrix"]
+    assert json.loads(again.stdout)["test_images"] == expected["test_images"] == len(records)
 
     def forge_errors():  # a forged error list that would drop an image
         entry = json.loads(index.read_text())
@@ -180,8 +170,13 @@ def test_cache_entries_are_verified_not_trusted(tmp_path):
         pixels.unlink()
         pixels.symlink_to(victim)
 
-    for tamper in (flip_pixels, forge_errors, link_pixels):
-        tamper_and_check(tamper)
+    for tamper in (forge_errors, link_pixels):
+        tamper()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="simple_cnn"):
+            x, _ = data.load_images(data.scan_dataset(dataset), records, 24, cache)
+        assert "does not match its images" in caplog.text
+        np.testing.assert_array_equal(np.asarray(x), fresh)
     assert not pixels.is_symlink()  # the rewritten entry replaced the link, not its target
     assert (tmp_path / "victim.bin").read_bytes() == pixels.read_bytes()
 
