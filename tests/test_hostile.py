@@ -361,11 +361,9 @@ def test_decoded_pixels_in_flight_are_bounded(tmp_path, monkeypatch):
     x, errors = data.decode_images(paths, 32)
     assert errors == [None] * 24 and len(x) == 24
     assert 1_000_000 <= peak[0] <= 3_000_000
-    assert data.usable_cpus() == 16  # (patched) the pool size follows the CPUs this process may use
 
 
 def test_pool_size_follows_the_cpus_this_process_may_use():
-    assert data.usable_cpus() == len(os.sched_getaffinity(0))
     one = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c", "from simple_cnn.data import usable_cpus; print(usable_cpus())"],
         capture_output=True,

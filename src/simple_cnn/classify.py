@@ -26,7 +26,7 @@ from .errors import DataError
 from .files import atomic_output
 from .formats import LITERT_SHA256, load_model, read_metadata, read_verified, tflite_path
 from .quiet import c_noise_hidden
-from .results import ClassifyManyResult, ClassifyResult
+from .results import ClassifyManyResult, ClassifyResult, answer
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,15 @@ def classify_many(
             continue
         good = [p for p, e in zip(chunk, errors) if e is None]
         for path, probs in zip(good, predictor(x)):
-            answer = ClassifyResult(data.shown(str(path)), "", "", _top(probs, names, top_k), min_confidence).as_dict()
-            predictions.append({k: answer[k] for k in ("image", "class", "probability", "top_k")})
+            top = _top(probs, names, top_k)
+            predictions.append(
+                {
+                    "image": data.shown(str(path)),
+                    "class": answer(top, min_confidence),
+                    "probability": top[0]["probability"],
+                    "top_k": top,
+                }
+            )
     seconds = time.monotonic() - started
     return ClassifyManyResult(
         model_file_path=str(model_path),

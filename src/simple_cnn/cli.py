@@ -26,7 +26,7 @@ from .config import (
     TrainConfig,
     flag_fields,
 )
-from .errors import SimpleCNNError, UsageError
+from .errors import SimpleCNNError, UsageError, shown
 
 log = logging.getLogger("simple_cnn")
 
@@ -284,8 +284,7 @@ def _print_result(result, as_json: bool) -> None:
 def _error(message: str) -> None:
     """One line on stderr, whatever the message holds (a newline or an escape sequence in a
     file name is shown escaped, never obeyed)."""
-    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message.replace("\n", " "))
-    print(f"simple-cnn: error: {safe}", file=sys.stderr)
+    print(f"simple-cnn: error: {shown(message)}", file=sys.stderr)
 
 
 def _end_now(code: int) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import TrainConfig, check_splits
-from .errors import DataError
+from .errors import DataError, shown
 from .files import atomic_dir, atomic_output, ensure_writable_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -78,20 +78,6 @@ class PixelBudget:
 # One 100-megapixel image (about 300 MB as RGB, twice that while converting) or many
 # smaller ones at a time. JPEGs count at their reduced decoding scale (Image.draft).
 DECODING = PixelBudget(MAX_PIXELS)
-
-
-# Characters that would break a one-line message, a tab-separated row or a terminal:
-# control characters (newline, tab, escape sequences) and bidirectional overrides.
-_UNSAFE = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0xA0))}
-_UNSAFE |= {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
-_UNSAFE |= {i: f"\\u{i:04x}" for i in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
-
-
-def shown(name: str) -> str:
-    """A file or class name safe to print on one line: bytes that are not UTF-8 as ``\\xNN``,
-    control characters escaped (``\\n``, ``\\x1b``), so a name can neither break a line nor
-    drive the terminal."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace").translate(_UNSAFE)
 
 
 def csv_cell(text: str) -> str:
@@ -460,11 +446,8 @@ def cache_folder(cache_dir: Path) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _valid_entry(index: dict, records: list[ImageRecord], image_size: int, pixels: Path) -> list | None:
@@ -477,7 +460,7 @@ def _valid_entry(index: dict, records: list[ImageRecord], image_size: int, pixel
     errors = index.get("errors") if isinstance(index, dict) else None
     if not isinstance(errors, list) or len(errors) != len(records) or index.get("image_size") != image_size:
         return None
-    if not all(e is None or (isinstance(e, str) and 0 < len(e) <= 300) for e in errors):
+    if not all(e is None or isinstance(e, str) for e in errors):
         return None
     count = sum(e is None for e in errors)
     st = os.lstat(pixels)

@@ -57,9 +57,7 @@ def evaluate(
 
     model, _ = load_model(model_path)
     probabilities = model.predict(data.make_tf_dataset(x, y, batch_size), verbose=0)
-    result = score(probabilities, y, class_names, metadata, min_confidence)
-    result.model_file_path, result.dataset_path = str(model_path), str(dataset.root)
-    result.skipped = dataset.skipped_list()
+    result = score(probabilities, y, metadata, min_confidence, str(model_path), dataset)
     predicted = probabilities.argmax(axis=1)
     worst = metrics.worst_mistakes(probabilities, y)
     written = [
@@ -92,7 +90,9 @@ def evaluate(
     return result
 
 
-def score(probabilities: np.ndarray, y: np.ndarray, class_names: list[str], metadata: dict, min_confidence: float) -> TestResult:
+def score(
+    probabilities: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: float, model_path: str, dataset
+) -> TestResult:
     """Every test metric of ``probabilities`` against the labels ``y`` (scikit-learn's where it has them)."""
     from sklearn.metrics import (
         balanced_accuracy_score,
@@ -103,6 +103,7 @@ def score(probabilities: np.ndarray, y: np.ndarray, class_names: list[str], meta
         top_k_accuracy_score,
     )
 
+    class_names = metadata["class_names"]
     predicted = probabilities.argmax(axis=1)
     labels = list(range(len(class_names)))
     correct = int((predicted == y).sum())
@@ -111,10 +112,10 @@ def score(probabilities: np.ndarray, y: np.ndarray, class_names: list[str], meta
     uncalibrated = metrics.rescale(probabilities, 1 / temperature) if temperature else probabilities
     answered = probabilities.max(axis=1) >= min_confidence
     return TestResult(
-        model_file_path="",
-        dataset_path="",
+        model_file_path=model_path,
+        dataset_path=str(dataset.root),
         test_images=int(len(y)),
-        skipped=[],
+        skipped=dataset.skipped_list(),
         accuracy=correct / len(y),
         accuracy_interval=list(metrics.wilson_interval(correct, len(y))),
         balanced_accuracy=float(balanced_accuracy_score(y, predicted)),

@@ -32,7 +32,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from .data import MAX_PIXELS
+from .data import MAX_PIXELS, open_regular_file
 from .errors import DataError, UsageError
 from .files import atomic_dir, atomic_output
 from .quiet import import_keras, import_tensorflow
@@ -198,8 +198,6 @@ def read_verified(path: Path, sha256: str | None, limit: int = 1 << 30) -> bytes
     The bytes returned are the bytes checked (read once, no second open between the
     check and their use). Anything but a regular file of at most ``limit`` bytes is None.
     """
-    from .data import open_regular_file
-
     if not sha256:
         return None
     try:

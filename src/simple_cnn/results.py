@@ -13,6 +13,11 @@ from typing import ClassVar
 UNKNOWN = "unknown"  # classify's answer below --min_confidence
 
 
+def answer(top_k: list[dict], min_confidence: float) -> str:
+    """The most likely class, or "unknown" when its probability is below ``min_confidence``."""
+    return top_k[0]["class"] if top_k[0]["probability"] >= min_confidence else UNKNOWN
+
+
 @dataclass
 class Result:
     mode: ClassVar[str] = ""
@@ -160,8 +165,7 @@ class ClassifyResult(Result):
 
     @property
     def answer(self) -> str:
-        first = self.top_k[0]
-        return first["class"] if first["probability"] >= self.min_confidence else UNKNOWN
+        return answer(self.top_k, self.min_confidence)
 
     def as_dict(self) -> dict:
         return {
