@@ -7,13 +7,15 @@ A dataset is a folder whose sub-folders are the classes, sorted by name::
         dandelion/  ...
 
 Images are found and checked (:func:`scan_dataset`), assigned to a split that never
-moves (:func:`split_of`), decoded once into a uint8 cache at the training size
+moves (:func:`split_of`; copies of one picture stay together, see ``duplicates.py``),
+decoded once into a uint8 cache at the training size
 (:func:`load_images`) and streamed to Keras by tf.data (:func:`make_tf_dataset`).
 Nothing here imports TensorFlow at module level, so classify and ``--help`` stay fast.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import duplicates
 from .config import TrainConfig, check_splits
 from .errors import DataError, shown
 from .files import atomic_dir, atomic_output, ensure_writable_dir, write_json
@@ -41,7 +44,7 @@ IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from s
 # photo is fine; a "decompression bomb" declaring 50,000 x 50,000 pixels is not).
 MAX_PIXELS = 100_000_000
 SPLIT_SALT = b"simple_cnn split v1"
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # also the order in which a group of copies claims a split
 # The automatic training size: the median short side of the images, within these bounds.
 AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 96  # 96: why, in bench/README.md
 
@@ -118,6 +121,37 @@ class ImageRecord:
     label: int
     split: str
     size: tuple[int, int]  # (width, height) from the header
+    nbytes: int = 0  # the file's size in bytes
+
+
+@dataclass
+class Copies:
+    """The copies found in a dataset (see ``duplicates.py``): links between files, and what was set aside."""
+
+    links: list[tuple[str, str]] = field(default_factory=list)  # (relpath, relpath) of two copies
+    labels: dict[str, int] = field(default_factory=dict)  # the class of every linked file
+    set_aside: list[tuple[str, str]] = field(default_factory=list)  # (relpath, the copy that kept its split)
+
+    def link(self, a: str, label_a: int, b: str, label_b: int) -> None:
+        self.links.append((a, b))
+        self.labels[a], self.labels[b] = label_a, label_b
+
+    def groups(self) -> list[list[str]]:
+        names = sorted(self.labels)
+        index = {name: i for i, name in enumerate(names)}
+        pairs = [(index[a], index[b]) for a, b in self.links]
+        return [sorted(names[i] for i in g) for g in duplicates.groups(len(names), pairs)]
+
+    def report(self, class_names: list[str]) -> dict:
+        """For the outputs: how many groups and images, what was set aside, and mislabelled groups."""
+        found = self.groups()
+        mixed = [g for g in found if len({self.labels[f] for f in g}) > 1]
+        return {
+            "groups": len(found),
+            "images": sum(map(len, found)),
+            "set_aside": [{"file": shown(f), "copy_of": shown(kept)} for f, kept in self.set_aside],
+            "mixed_labels": [[f"{shown(f)} ({class_names[self.labels[f]]})" for f in g] for g in mixed],
+        }
 
 
 @dataclass
@@ -126,6 +160,7 @@ class Dataset:
     class_names: list[str]
     images: list[ImageRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    copies: Copies = field(default_factory=Copies)
 
     def split(self, name: str) -> list[ImageRecord]:
         return [r for r in self.images if r.split == name]
@@ -178,12 +213,12 @@ def _checked_size(im: Image.Image) -> tuple[int, int]:
     return w, h
 
 
-def _check_header(path: Path) -> tuple[int, int]:
-    """Open an image's header only; return its size or raise ValueError with the reason."""
+def _check_header(path: Path) -> tuple[tuple[int, int], int]:
+    """Open an image's header only; return its size and the file's bytes, or raise ValueError with the reason."""
     with open_regular_file(path) as f:
         try:
             with Image.open(f) as im:
-                return _checked_size(im)
+                return _checked_size(im), os.fstat(f.fileno()).st_size
         except Exception as e:  # Pillow's parsers raise many kinds (OSError, SyntaxError, struct.error, ...) on bad bytes
             raise ValueError(_reason(e)) from None
 
@@ -302,13 +337,15 @@ def scan_dataset(root: Path, val_split: float = TrainConfig.val_split, test_spli
             else:
                 candidates.append((relpath, label))
     # Header checks wait on the disk more than on the CPU: twice the threads.
-    sizes, errors = try_each(lambda item: _check_header(root / item[0]), candidates, threads=min(8, 2 * usable_cpus()))
+    headers, errors = try_each(lambda item: _check_header(root / item[0]), candidates, threads=min(8, 2 * usable_cpus()))
 
-    for (relpath, label), size, error in zip(candidates, sizes, errors):
+    for (relpath, label), header, error in zip(candidates, headers, errors):
         if error is not None:
             dataset.skipped.append((relpath, error))
         else:
-            dataset.images.append(ImageRecord(relpath, label, split_of(relpath, val_split, test_split), size))
+            size, nbytes = header
+            dataset.images.append(ImageRecord(relpath, label, split_of(relpath, val_split, test_split), size, nbytes))
+    set_aside_identical_files(dataset)
     per_class = Counter(r.label for r in dataset.images)
     empty = [shown(n) for i, n in enumerate(class_names) if per_class[i] == 0]
     if empty:
@@ -317,6 +354,87 @@ def scan_dataset(root: Path, val_split: float = TrainConfig.val_split, test_spli
             "hold no readable images (.jpg, .png, .bmp, .gif, .webp): add images or remove the folder"
         )
     return dataset
+
+
+def set_aside_identical_files(dataset: Dataset) -> None:
+    """Link byte-identical files; set aside those whose group already has an earlier split."""
+    paths = [dataset.root / r.relpath for r in dataset.images]
+    for group in duplicates.identical_files(paths, [r.nbytes for r in dataset.images]):
+        members = sorted((dataset.images[i] for i in group), key=lambda r: (SPLITS.index(r.split), r.relpath))
+        first = members[0]
+        for r in members[1:]:
+            dataset.copies.link(first.relpath, first.label, r.relpath, r.label)
+            if r.split != first.split:
+                dataset.copies.set_aside.append((r.relpath, first.relpath))
+    gone = {relpath for relpath, _ in dataset.copies.set_aside}
+    dataset.images = [r for r in dataset.images if r.relpath not in gone]
+
+
+@dataclass
+class Fingerprints:
+    """Decoded rows' files, labels and signatures (``duplicates.signatures``)."""
+
+    files: list[str]
+    labels: np.ndarray
+    hashes: np.ndarray  # uint64 [N, 2]: the pHash of the image and of its mirror image
+    thumbnails: np.ndarray  # uint8 [N, 304]: 16x16 grey, 4x4 RGB
+
+    @classmethod
+    def of(cls, dataset: Dataset, records: list[ImageRecord], x: np.ndarray, y: np.ndarray) -> Fingerprints:
+        return cls(decoded_files(dataset, records), np.asarray(y), *duplicates.signatures(x))
+
+    @classmethod
+    def none(cls) -> Fingerprints:
+        return cls([], np.zeros(0, np.int64), *duplicates.signatures(np.zeros((0, 8, 8, 3), np.uint8)))
+
+    def take(self, keep: np.ndarray) -> Fingerprints:
+        files = [f for f, k in zip(self.files, keep) if k]
+        return Fingerprints(files, self.labels[keep], self.hashes[keep], self.thumbnails[keep])
+
+    def __add__(self, other: Fingerprints) -> Fingerprints:
+        arrays = [(self.labels, other.labels), (self.hashes, other.hashes), (self.thumbnails, other.thumbnails)]
+        return Fingerprints(self.files + other.files, *(np.concatenate(pair) for pair in arrays))
+
+    def as_dict(self) -> dict:
+        return {
+            "files": self.files,
+            "labels": self.labels.tolist(),
+            "phash": [f"{a:016x}{b:016x}" for a, b in self.hashes],
+            "thumbnails": base64.b64encode(self.thumbnails.tobytes()).decode(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fingerprints:
+        hashes = np.array([(int(h[:16], 16), int(h[16:], 16)) for h in d["phash"]], dtype=np.uint64).reshape(-1, 2)
+        thumbnails = np.frombuffer(base64.b64decode(d["thumbnails"]), dtype=np.uint8).reshape(len(hashes), -1)
+        return cls(list(d["files"]), np.array(d["labels"], dtype=np.int64), hashes, thumbnails)
+
+
+def set_aside_near_copies(dataset: Dataset, earlier: Fingerprints, later: Fingerprints) -> np.ndarray:
+    """Link near copies among ``earlier`` and ``later`` rows; return which ``later`` rows keep their split.
+
+    A group of copies that reaches an ``earlier`` row (an earlier split) belongs there:
+    its ``later`` members are set aside (recorded in ``dataset.copies``).
+    """
+    both = earlier + later
+    pairs = duplicates.near_pairs(both.hashes, both.thumbnails)
+    for i, j in pairs:
+        dataset.copies.link(both.files[i], int(both.labels[i]), both.files[j], int(both.labels[j]))
+    keep = np.ones(len(later.files), dtype=bool)
+    n = len(earlier.files)
+    for group in duplicates.groups(len(both.files), pairs):
+        first = min(group)
+        if first < n:
+            for j in (j for j in group if j >= n):
+                keep[j - n] = False
+                dataset.copies.set_aside.append((both.files[j], both.files[first]))
+    return keep
+
+
+def decoded_files(dataset: Dataset, records: list[ImageRecord]) -> list[str]:
+    """The files of ``load_images(dataset, records, ...)``'s rows, in order (the readable ones)."""
+    unreadable = {relpath for relpath, _ in dataset.skipped}
+    return [r.relpath for r in records if r.relpath not in unreadable]
 
 
 def auto_image_size(dataset: Dataset) -> int:
@@ -546,14 +664,22 @@ def load_data(
     Returns ``(x_train, y_train), (x_test, y_test)``: uint8 image arrays of shape
     ``(N, image_size, image_size, 3)`` and uint8 label arrays of shape ``(N,)``. The
     training part holds the train and validation splits; the test part is the same
-    test split that ``--mode test`` uses. ``image_size`` defaults to the automatic size.
+    test split that ``--mode test`` uses, copies of training images set aside as there
+    (see ``duplicates.py``). ``image_size`` defaults to the automatic size.
     """
     check_splits(val_split, test_split)
     dataset = scan_dataset(Path(path), val_split, test_split)
     size = image_size or auto_image_size(dataset)
-    train = [r for r in dataset.images if r.split != "test"]
-    x_train, y_train = load_images(dataset, train, size)
-    x_test, y_test = load_images(dataset, dataset.split("test"), size)
+    parts = {}
+    for split in SPLITS:
+        records = dataset.split(split)
+        x, y = load_images(dataset, records, size)
+        parts[split] = (x, y, Fingerprints.of(dataset, records, x, y))
+    (x_train, y_train, f_train), (x_val, y_val, f_val), (x_test, y_test, f_test) = parts.values()
+    keep_val = set_aside_near_copies(dataset, f_train, f_val)
+    keep_test = set_aside_near_copies(dataset, f_train + f_val.take(keep_val), f_test)
+    x_train, y_train = np.concatenate([x_train, x_val[keep_val]]), np.concatenate([y_train, y_val[keep_val]])
+    x_test, y_test = x_test[keep_test], y_test[keep_test]
     label_dtype = np.uint8 if len(dataset.class_names) <= 256 else np.int32
     return (x_train, y_train.astype(label_dtype)), (x_test, y_test.astype(label_dtype))
 

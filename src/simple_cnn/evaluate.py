@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ from . import data, metrics, plots
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, TrainConfig
 from .errors import DataError
 from .files import atomic_output, ensure_writable_dir, write_json
-from .formats import load_model, read_metadata
+from .formats import load_model, read_fingerprints, read_metadata
 from .results import TestResult
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -48,12 +51,11 @@ def evaluate(
         )
     records = dataset.split("test")
     x, y = data.load_images(dataset, records, metadata["image_size"], cache_dir)
+    x, y, files = set_aside_copies_of_training(dataset, model_path, records, x, y)
     if len(x) == 0:
         raise DataError(
             f"the test split of {dataset.root} holds no readable images: add images or retrain with a larger --test_split"
         )
-    unreadable = {relpath for relpath, _ in dataset.skipped}
-    files = [r.relpath for r in records if r.relpath not in unreadable]  # the rows of x, in order
 
     model, _ = load_model(model_path)
     probabilities = model.predict(data.make_tf_dataset(x, y, batch_size), verbose=0)
@@ -88,6 +90,28 @@ def evaluate(
     result.images_written = [str(p) for p in written if p is not None]
     write_json(images_dir / "metrics.json", result.as_dict())
     return result
+
+
+def set_aside_copies_of_training(dataset, model_path, records, x, y):
+    """Leave out test images that copy a training or validation image: ``(x, y, files)``.
+
+    The training images' fingerprints come from the model file (``duplicates.py``);
+    byte-identical copies were already set aside by the scan.
+    """
+    test = data.Fingerprints.of(dataset, records, x, y)
+    saved = read_fingerprints(model_path)
+    if saved is None:
+        log.warning(
+            f"{model_path} holds no fingerprints of its training images (saved by an older simple_cnn): "
+            "test images that are near copies of training images cannot be set aside"
+        )
+        training = data.Fingerprints.none()
+    else:
+        training = data.Fingerprints.from_dict(saved)
+    keep = data.set_aside_near_copies(dataset, training, test)
+    if keep.all():
+        return x, y, test.files
+    return x[keep], y[keep], test.take(keep).files
 
 
 def score(
@@ -125,6 +149,7 @@ def score(
         # second one through model.evaluate().
         loss=float(log_loss(y, probabilities, labels=labels)),
         chance_accuracy=float(np.bincount(y, minlength=len(labels)).max() / len(y)),
+        duplicates=dataset.copies.report(class_names),
         calibration={
             "ece": metrics.expected_calibration_error(probabilities, y),
             "ece_uncalibrated": metrics.expected_calibration_error(uncalibrated, y) if temperature else None,

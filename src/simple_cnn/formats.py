@@ -6,7 +6,10 @@ The class names, input size and split settings travel inside every file (the
 - ``.keras`` (recommended) and ``.h5``: what train mode writes and every mode reads.
   Keras has no API for user metadata in a model file, so we add it ourselves: a JSON
   member (``simple_cnn.json``) in the ``.keras`` zip archive, or a root attribute of the
-  ``.h5`` file. ``keras.models.load_model`` ignores both.
+  ``.h5`` file. ``keras.models.load_model`` ignores both. Beside it, the training
+  images' fingerprints (``duplicates.py``; for test mode, which sets aside test images
+  that copy them): a member ``simple_cnn_fingerprints.json`` or a root dataset of
+  that JSON's bytes (HDF5 attributes stop at 64 KB). Classify never reads them.
 - LiteRT (``cnn_model.tflite``, written beside the model by train mode): the metadata JSON
   inside the flatbuffer's ``metadata`` list (name ``simple_cnn``), plus
   ``cnn_model.labels.txt``. Classify uses it to start without TensorFlow.
@@ -40,6 +43,7 @@ from .quiet import import_keras, import_tensorflow
 MODEL_SUFFIXES = (".keras", ".h5")
 METADATA_MEMBER = "simple_cnn.json"  # an extra member of the .keras zip archive
 METADATA_ATTR = "simple_cnn_metadata"  # a root attribute of the .h5 file
+FINGERPRINTS = "simple_cnn_fingerprints"  # .keras: FINGERPRINTS + ".json" member; .h5: root dataset
 TFLITE_METADATA_NAME = "simple_cnn"
 LITERT_SHA256 = "litert_sha256"  # the metadata key binding a model file to its LiteRT copy
 TRAIN_HINT = "train one first: simple-cnn --mode train --dataset_path DATASET --model_file_path {path}"
@@ -56,20 +60,42 @@ def check_model_path(path) -> Path:
 # ---------------------------------------------------------------- .keras and .h5
 
 
-def save_model(model, path, metadata: dict) -> None:
-    """Save ``model`` with ``metadata`` inside the file, atomically (see the module docstring)."""
+def save_model(model, path, metadata: dict, fingerprints: dict | None = None) -> None:
+    """Save ``model`` with ``metadata`` (and the training ``fingerprints``) inside the file, atomically."""
     path = check_model_path(path)
     text = json.dumps(metadata, ensure_ascii=False)
+    # ASCII: file names that are not valid UTF-8 (surrogate escapes) survive as \udcXX.
+    prints = json.dumps(fingerprints).encode() if fingerprints else None
     with atomic_output(path) as tmp:
         model.save(tmp)
         if path.suffix == ".keras":
             with zipfile.ZipFile(tmp, "a") as archive:
                 archive.writestr(METADATA_MEMBER, text)
+                if prints:
+                    archive.writestr(FINGERPRINTS + ".json", prints, compress_type=zipfile.ZIP_DEFLATED)
         else:
             import h5py
+            import numpy as np
 
             with h5py.File(tmp, "a") as f:
                 f.attrs[METADATA_ATTR] = text
+                if prints:
+                    f.create_dataset(FINGERPRINTS, data=np.frombuffer(prints, dtype=np.uint8), compression="gzip")
+
+
+def read_fingerprints(path) -> dict | None:
+    """The training images' fingerprints saved by :func:`save_model`, or None (older files)."""
+    path = check_model_path(path)
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                return json.loads(archive.read(FINGERPRINTS + ".json"))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return json.loads(f[FINGERPRINTS][()].tobytes())
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def rewrite_metadata(path, metadata: dict) -> None:

@@ -33,6 +33,18 @@ class Result:
         return []
 
 
+def _copies_lines(found: dict | None) -> list[str]:
+    """e.g. 'Copies: 2 groups (5 images); 3 set aside: a.jpg (copy of b.jpg), ...'."""
+    if not found or not found["groups"]:
+        return []
+    aside = found["set_aside"]
+    some = ", ".join(f"{c['file']} (copy of {c['copy_of']})" for c in aside[:3]) + (", ..." if len(aside) > 3 else "")
+    line = f"Copies: {found['groups']} group(s) of identical or near-identical images ({found['images']} images)"
+    line += f"; {len(aside)} set aside: {some}" if aside else "; none straddles the splits"
+    mixed = [f"Filed under different classes: {', '.join(g)}" for g in found["mixed_labels"]]
+    return [line, *mixed]
+
+
 @dataclass
 class TrainResult(Result):
     mode: ClassVar[str] = "train"
@@ -53,6 +65,7 @@ class TrainResult(Result):
     tflite_file_path: str | None = None
     calibration: dict | None = None  # the temperature and the validation ECE before and after
     imbalance: float | None = None  # the largest class over the smallest, in the training split
+    duplicates: dict | None = None  # data.Copies.report(): groups, images, set_aside, mixed_labels
     images_written: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
 
@@ -63,6 +76,7 @@ class TrainResult(Result):
                 f"{self.best_val_accuracy:.3f}, loss {self.best_val_loss:.3f}",
                 f"Images used: train {self.images_used['train']}, validation {self.images_used['val']}; "
                 f"test {self.images['test']} held out for --mode test; {len(self.skipped)} files skipped",
+                *_copies_lines(self.duplicates),
                 f"Model saved to {self.model_file_path}",
                 f"Wrote {', '.join(self.images_written)}",
                 f"Done in {self.wall_seconds:.1f} s (training {self.train_seconds:.1f} s)",
@@ -107,6 +121,7 @@ class TestResult(Result):
     loss: float
     chance_accuracy: float  # the majority class's share: what always guessing it scores
     calibration: dict  # ece, ece_uncalibrated, temperature, bins (15 equal-width confidence bins)
+    duplicates: dict  # data.Copies.report(): copies of training images are set aside, not scored
     min_confidence: float | None  # with --min_confidence: the share answered and their accuracy
     coverage: float | None
     accuracy_answered: float | None
@@ -136,6 +151,7 @@ class TestResult(Result):
         return "\n".join(
             [
                 f"Test split of {self.dataset_path}: {self.test_images} images, {len(self.skipped)} files skipped",
+                *_copies_lines(self.duplicates),
                 f"Accuracy {self.accuracy:.3f} (95% interval {self.accuracy_interval[0]:.3f}-{self.accuracy_interval[1]:.3f}; "
                 f"always guessing the largest class: {self.chance_accuracy:.3f}), loss {self.loss:.3f}",
                 f"Balanced accuracy {self.balanced_accuracy:.3f}, macro-F1 {self.macro_f1:.3f}"

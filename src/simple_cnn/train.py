@@ -36,12 +36,13 @@ __all__ = ["TrainConfig", "train", "learning_rate_schedule", "time_budget"]
 
 @dataclass
 class Splits:
-    """The decoded training and validation images (uint8) and their labels."""
+    """The decoded training and validation images (uint8), their labels and fingerprints."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    fingerprints: data.Fingerprints  # of the rows above, train then validation, for --mode test
 
 
 def train(
@@ -112,14 +113,37 @@ def scan(dataset_path: Path, config: TrainConfig) -> tuple[data.Dataset, int]:
 
 
 def load_splits(dataset: data.Dataset, image_size: int, cluster: distribute.Cluster, cache_dir) -> Splits:
-    """Decode this worker's share of the train and validation images (unreadable ones are skipped)."""
-    x_train, y_train = data.load_images(dataset, cluster.shard(dataset.split("train")), image_size, cache_dir)
-    x_val, y_val = data.load_images(dataset, cluster.shard(dataset.split("val")), image_size, cache_dir)
+    """Decode this worker's share of the train and validation images (unreadable ones are skipped).
+
+    Validation images that are near copies of training images are set aside (``duplicates.py``).
+    """
+    decoded = []
+    for split in ("train", "val"):
+        records = cluster.shard(dataset.split(split))
+        x, y = data.load_images(dataset, records, image_size, cache_dir)
+        decoded.append((x, y, data.Fingerprints.of(dataset, records, x, y)))
+    (x_train, y_train, f_train), (x_val, y_val, f_val) = decoded
+    keep = data.set_aside_near_copies(dataset, f_train, f_val)
+    if not keep.all():
+        x_val, y_val, f_val = x_val[keep], y_val[keep], f_val.take(keep)
     if dataset.skipped:
         log.warning(dataset.skipped_summary())
+    report_copies(dataset)
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"no readable images left in the train or validation split of {dataset.root}")
-    return Splits(x_train, y_train, x_val, y_val)
+    return Splits(x_train, y_train, x_val, y_val, f_train + f_val)
+
+
+def report_copies(dataset: data.Dataset) -> None:
+    """Log the copies found so far; warn about copies filed under different classes."""
+    found = dataset.copies.report(dataset.class_names)
+    if found["groups"]:
+        log.info(
+            f"Copies: {found['groups']} group(s) of identical or near-identical images ({found['images']} images); "
+            f"{len(found['set_aside'])} set aside so that no copy straddles the splits"
+        )
+    for group in found["mixed_labels"]:
+        log.warning(f"the same picture is filed under different classes: {', '.join(group)}; keep one")
 
 
 def imbalance(dataset: data.Dataset) -> float:
@@ -260,6 +284,7 @@ def summarize(dataset, splits, image_size, config, cluster, history, model_path,
         class_names=dataset.class_names,
         images=dataset.counts(),
         imbalance=round(imbalance(dataset), 2),
+        duplicates=dataset.copies.report(dataset.class_names),
         images_used={"train": len(splits.x_train), "val": len(splits.x_val)},
         skipped=dataset.skipped_list(),
         image_size=image_size,
@@ -315,7 +340,7 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
         metadata[LITERT_SHA256] = digest  # classify runs that copy only (formats.write_tflite)
     except Exception as e:  # noqa: BLE001 (any converter failure only costs speed)
         log.warning(f"could not write the LiteRT copy of the model ({str(e).splitlines()[0] if str(e) else e!r})")
-    save_model(model, Path(result.model_file_path), metadata)
+    save_model(model, Path(result.model_file_path), metadata, splits.fingerprints.as_dict())
     curves = plots.training_curves(history, images_dir / "training_curves.png")
     names = dataset.class_names
     examples = plots.sample_grid(
