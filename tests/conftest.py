@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 CLASSES = ("circle", "square", "triangle")
 COLOURS = {"circle": (220, 40, 40), "square": (40, 180, 40), "triangle": (40, 70, 220)}
@@ -53,6 +55,42 @@ def make_shapes_dataset(root: Path, per_class: int = 40, seed: int = 0, size: in
         for i in range(per_class):
             shape_image(kind, rng, size).save(root / kind / f"{kind}_{i:03d}.png")
     return root
+
+
+def name_in_split(folder: str, stem: str, suffix: str, split: str) -> str:
+    """A file name under ``folder`` whose stable split (default fractions) is ``split``."""
+    from simple_cnn.config import TrainConfig
+    from simple_cnn.data import split_of
+
+    for k in itertools.count():
+        relpath = f"{folder}/{stem}_{k}{suffix}"
+        if split_of(relpath, TrainConfig.val_split, TrainConfig.test_split) == split:
+            return relpath
+    raise AssertionError  # unreachable
+
+
+def add_copies(root: Path, folder: str, other: str) -> dict[str, str]:
+    """Copies of one training image of ``folder``, named so that they would straddle the splits.
+
+    Returns the files by role: ``original`` (train), ``recoded`` (JPEG quality 40, test),
+    ``smaller`` (three quarters the size, validation), ``mirrored`` (test) and
+    ``identical`` (the same bytes in the ``other`` class folder, test).
+    """
+    from simple_cnn.data import scan_dataset
+
+    original = next(r.relpath for r in scan_dataset(root).images if r.split == "train" and r.relpath.startswith(f"{folder}/"))
+    image = Image.open(root / original).convert("RGB")
+    copies = {
+        "recoded": name_in_split(folder, "recoded", ".jpg", "test"),
+        "smaller": name_in_split(folder, "smaller", ".png", "val"),
+        "mirrored": name_in_split(folder, "mirrored", ".png", "test"),
+        "identical": name_in_split(other, "identical", ".png", "test"),
+    }
+    image.save(root / copies["recoded"], quality=40)
+    image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.LANCZOS).save(root / copies["smaller"])
+    ImageOps.mirror(image).save(root / copies["mirrored"])
+    shutil.copyfile(root / original, root / copies["identical"])
+    return {"original": original, **copies}
 
 
 @pytest.fixture

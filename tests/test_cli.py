@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import CLASSES, assert_one_line_error, make_shapes_dataset, run_cli, shape_image
+from simple_cnn import data, formats
 
 
 def test_help_lists_every_flag_with_examples(tmp_path):
@@ -106,9 +107,15 @@ def test_h5_model_file_works_end_to_end(tmp_path):
     assert train.returncode == 0, train.stderr
     assert "Model saved to models/shapes.h5" in train.stdout
     image = tmp_path / "ds" / "circle" / "circle_000.png"
-    result = run_cli("--mode", "classify", "--model_file_path", model, "--single_image_path", image, "--json", cwd=tmp_path)
+    classify = ("--mode", "classify", "--model_file_path", model, "--single_image_path", image, "--explain", "--json")
+    result = run_cli(*classify, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["class"] in CLASSES
+    answer = json.loads(result.stdout)
+    assert answer["class"] in CLASSES and answer["runtime"] == "keras"  # Grad-CAM needs the Keras model
+    with Image.open(tmp_path / answer["explanation"]) as overlay:  # images/circle_000_gradcam.png
+        assert overlay.format == "PNG" and overlay.size == (4 * 32, 4 * 32)  # 4x the input size, 32 (automatic)
+    saved = formats.read_fingerprints(tmp_path / model)  # for test mode, in an HDF5 dataset beside the network
+    assert set(saved["files"]) == {r.relpath for r in data.scan_dataset(tmp_path / "ds").images if r.split != "test"}
 
 
 def test_disk_cache_serves_train_and_test_modes(tmp_path):

@@ -65,6 +65,9 @@ def test_readme_docker_commands_train_test_and_classify(docker_ready, tmp_path):
     for name in ("training_curves.png", "examples_train_images.png", "confusion_matrix.png", "examples_test_images.png"):
         with Image.open(tmp_path / "images" / name) as im:
             assert im.format == "PNG" and min(im.size) > 250, name
+    page = (tmp_path / "images" / "report.html").read_text()
+    assert 'src="data:image/' in page and not re.search(r'(src|href)="(https?:)?//', page)  # self-contained
+    assert '<span id="accuracy">' in page
     metrics = json.loads((tmp_path / "images" / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.9 and metrics["test_images"] > 200  # the built-in digits
     assert "Best epoch" in outputs["train"]

@@ -3,43 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-from itertools import count
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from conftest import make_shapes_dataset, run_cli
+from conftest import add_copies, make_shapes_dataset
 from simple_cnn import data, duplicates
 from simple_cnn.config import TrainConfig
-
-
-def name_in_split(folder: str, stem: str, suffix: str, split: str) -> str:
-    """A file name under ``folder`` whose stable split is ``split``."""
-    for k in count():
-        relpath = f"{folder}/{stem}_{k}{suffix}"
-        if data.split_of(relpath, TrainConfig.val_split, TrainConfig.test_split) == split:
-            return relpath
-    raise AssertionError  # unreachable
-
-
-def dataset_with_copies(root: Path) -> dict[str, str]:
-    """A shapes dataset plus copies of one training image, placed so that they would straddle the splits."""
-    make_shapes_dataset(root, per_class=20, size=48)
-    original = next(r.relpath for r in data.scan_dataset(root).images if r.split == "train" and r.relpath.startswith("circle/"))
-    image = Image.open(root / original).convert("RGB")
-    copies = {
-        "recoded": name_in_split("circle", "recoded", ".jpg", "test"),  # JPEG at quality 40
-        "smaller": name_in_split("circle", "smaller", ".png", "val"),  # resized to 36x36
-        "mirrored": name_in_split("circle", "mirrored", ".png", "test"),
-        "identical": name_in_split("square", "identical", ".png", "test"),  # the same bytes, another class
-    }
-    image.save(root / copies["recoded"], quality=40)
-    image.resize((36, 36), Image.Resampling.LANCZOS).save(root / copies["smaller"])
-    ImageOps.mirror(image).save(root / copies["mirrored"])
-    shutil.copyfile(root / original, root / copies["identical"])
-    return {"original": original, **copies}
 
 
 def test_near_pairs_index_finds_what_brute_force_finds():
@@ -67,8 +36,8 @@ def test_near_pairs_index_finds_what_brute_force_finds():
 
 
 def test_copies_join_the_earliest_split_and_load_data_agrees(tmp_path):
-    root = tmp_path / "ds"
-    files = dataset_with_copies(root)
+    root = make_shapes_dataset(tmp_path / "ds", per_class=20, size=48)
+    files = add_copies(root, "circle", "square")
     dataset = data.scan_dataset(root)
 
     # The byte-identical copy is set aside by the scan; nothing else moves.
@@ -92,29 +61,6 @@ def test_distinct_images_are_not_copies(tmp_path):
     fingerprints = data.Fingerprints.of(dataset, dataset.images, x, y)
     assert len(duplicates.near_pairs(fingerprints.hashes, fingerprints.thumbnails)) == 0
     assert not dataset.copies.links
-
-
-def test_train_and_test_report_and_set_aside_copies(tmp_path):
-    """Through the CLI, with an .h5 model file (its fingerprints live in an HDF5 dataset)."""
-    files = dataset_with_copies(tmp_path / "ds")
-    model = ["--model_file_path", "models/m.h5"]
-    train = run_cli(
-        "--mode", "train", "--dataset_path", "ds", *model, "--epochs", "1", "--image_size", "24", "--json", cwd=tmp_path
-    )
-    assert train.returncode == 0, train.stderr
-    trained = json.loads(train.stdout)["duplicates"]
-    assert trained["groups"] == 1 and trained["images"] == 3  # original, identical, smaller: train mode decodes no test image
-    assert {c["file"] for c in trained["set_aside"]} == {files["identical"], files["smaller"]}
-    assert "filed under different classes" in train.stderr and files["identical"] in train.stderr
-
-    test = run_cli("--mode", "test", "--dataset_path", "ds", *model, cwd=tmp_path)
-    assert test.returncode == 0, test.stderr
-    assert f"{files['recoded']} (copy of {files['original']})" in test.stdout
-    result = json.loads((tmp_path / "images" / "metrics.json").read_text())
-    tested = result["duplicates"]
-    assert {c["file"] for c in tested["set_aside"]} == {files["identical"], files["recoded"], files["mirrored"]}
-    assert all(c["copy_of"] == files["original"] for c in tested["set_aside"])
-    assert result["test_images"] == data.scan_dataset(tmp_path / "ds").counts()["test"] - 2
 
 
 def test_model_files_carry_the_training_fingerprints(tiny_model):

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .config import DEFAULT_MODEL, ClassifyConfig
+from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError
-from .files import atomic_output
+from .files import atomic_output, ensure_writable_dir
 from .formats import LITERT_SHA256, load_model, read_metadata, read_verified, tflite_path
 from .quiet import c_noise_hidden
 from .results import ClassifyManyResult, ClassifyResult, answer
@@ -66,11 +66,17 @@ def _glob(pattern: str) -> list[Path]:
 
 
 class Predictor:
-    """Probabilities for batches of uint8 images, from LiteRT when possible, else Keras."""
+    """Probabilities for batches of uint8 images, from LiteRT when possible, else Keras.
 
-    def __init__(self, model_path, metadata: dict):
+    ``explain=True`` loads the Keras model (Grad-CAM needs gradients) and adds
+    :meth:`explain`.
+    """
+
+    def __init__(self, model_path, metadata: dict, explain: bool = False):
         self.metadata = metadata
-        self._interpreter = _litert_interpreter(Path(model_path), metadata)
+        if explain:
+            _check_tensorflow()
+        self._interpreter = None if explain else _litert_interpreter(Path(model_path), metadata)
         if self._interpreter is not None:
             self.runtime = "litert"
             self._input = self._interpreter.get_input_details()[0]["index"]
@@ -94,6 +100,31 @@ class Predictor:
         self._interpreter.set_tensor(self._input, x.astype(np.float32))
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output).copy()
+
+    def explain(self, x: np.ndarray, probabilities: np.ndarray, paths: list[Path], images_dir: Path) -> list[str]:
+        """Write the Grad-CAM overlay of each image's most likely class; their paths."""
+        from . import explain
+
+        heat = explain.heat_maps(self._model, x, probabilities.argmax(axis=1))
+        ensure_writable_dir(Path(images_dir), "images")
+        written, used = [], set()
+        for image, h, path in zip(x, heat, paths):
+            target = explain.explanation_path(images_dir, path)
+            for n in range(2, len(paths) + 2):  # two inputs with one name: photo_gradcam.png, photo_2_gradcam.png
+                if target not in used:
+                    break
+                target = explain.explanation_path(images_dir, path.with_name(f"{path.stem}_{n}"))
+            used.add(target)
+            written.append(str(explain.write_overlay(target, image, h)))
+        return written
+
+
+def _check_tensorflow() -> None:
+    """--explain needs TensorFlow: one line where it is not installed (the slim classify image)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        raise DataError("--explain needs TensorFlow, which is not installed here: use the full simple_cnn image")
 
 
 def _litert_interpreter(model_path: Path, metadata: dict):
@@ -133,17 +164,23 @@ def _top(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[
 
 
 def classify_many(
-    input_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k, min_confidence: float = ClassifyConfig.min_confidence
+    input_path,
+    model_path=DEFAULT_MODEL,
+    top_k: int = ClassifyConfig.top_k,
+    min_confidence: float = ClassifyConfig.min_confidence,
+    explain: bool = False,
+    images_dir=DEFAULT_IMAGES_DIR,
 ) -> ClassifyManyResult:
     """Classify every image named by ``input_path`` (file, folder or glob).
 
     Unreadable files are skipped and reported. Returns the predictions in file order,
-    the skipped files, the runtime used and the throughput.
+    the skipped files, the runtime used and the throughput. ``explain``: also write each
+    image's Grad-CAM overlay to ``images_dir`` (``explain.py``).
     """
-    ClassifyConfig(top_k=top_k, min_confidence=min_confidence)
+    ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain)
     metadata = read_metadata(model_path)
     paths = find_inputs(input_path)
-    predictor = Predictor(model_path, metadata)
+    predictor = Predictor(model_path, metadata, explain)
     size, names = metadata["image_size"], metadata["class_names"]
     started = time.monotonic()
     predictions, skipped = [], []
@@ -154,7 +191,9 @@ def classify_many(
         if len(x) == 0:
             continue
         good = [p for p, e in zip(chunk, errors) if e is None]
-        for path, probs in zip(good, predictor(x)):
+        probabilities = predictor(x)
+        overlays = predictor.explain(x, probabilities, good, images_dir) if explain else [None] * len(good)
+        for path, probs, overlay in zip(good, probabilities, overlays):
             top = _top(probs, names, top_k)
             predictions.append(
                 {
@@ -163,6 +202,7 @@ def classify_many(
                     "probability": top[0]["probability"],
                     "top_k": top,
                 }
+                | ({"explanation": data.shown(overlay)} if overlay else {})
             )
     seconds = time.monotonic() - started
     return ClassifyManyResult(
@@ -176,11 +216,17 @@ def classify_many(
 
 
 def classify(
-    image_path, model_path=DEFAULT_MODEL, top_k: int = ClassifyConfig.top_k, min_confidence: float = ClassifyConfig.min_confidence
+    image_path,
+    model_path=DEFAULT_MODEL,
+    top_k: int = ClassifyConfig.top_k,
+    min_confidence: float = ClassifyConfig.min_confidence,
+    explain: bool = False,
+    images_dir=DEFAULT_IMAGES_DIR,
 ) -> ClassifyResult:
     """Predict the class of the one image at ``image_path``: the ``top_k`` most likely classes,
-    and the answer ("unknown" when the most likely is below ``min_confidence``)."""
-    ClassifyConfig(top_k=top_k, min_confidence=min_confidence)
+    and the answer ("unknown" when the most likely is below ``min_confidence``).
+    ``explain``: also write the Grad-CAM overlay to ``images_dir`` (``explain.py``)."""
+    ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain)
     image_path = Path(image_path)
     metadata = read_metadata(model_path)
     if not image_path.exists():
@@ -191,9 +237,11 @@ def classify(
         pixels = data.read_image(image_path, metadata["image_size"])
     except ValueError as e:
         raise DataError(f"cannot read the image {image_path}: {e}") from None
-    predictor = Predictor(model_path, metadata)
-    top = _top(predictor(pixels[None])[0], metadata["class_names"], top_k)
-    return ClassifyResult(str(image_path), str(model_path), predictor.runtime, top, min_confidence)
+    predictor = Predictor(model_path, metadata, explain)
+    probabilities = predictor(pixels[None])
+    top = _top(probabilities[0], metadata["class_names"], top_k)
+    overlay = predictor.explain(pixels[None], probabilities, [image_path], images_dir)[0] if explain else None
+    return ClassifyResult(str(image_path), str(model_path), predictor.runtime, top, min_confidence, overlay)
 
 
 def write_predictions(result: ClassifyManyResult, path: Path) -> None:

@@ -184,9 +184,10 @@ def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig):
         return export(args.model_file_path, args.format)
     from .classify import classify, classify_many, write_predictions
 
+    c = classify_config
     if args.single_image_path:
-        return classify(args.single_image_path, args.model_file_path, classify_config.top_k, classify_config.min_confidence)
-    result = classify_many(args.input_path, args.model_file_path, classify_config.top_k, classify_config.min_confidence)
+        return classify(args.single_image_path, args.model_file_path, c.top_k, c.min_confidence, c.explain, args.images_dir)
+    result = classify_many(args.input_path, args.model_file_path, c.top_k, c.min_confidence, c.explain, args.images_dir)
     if args.output:
         write_predictions(result, Path(args.output))
     return result

@@ -71,6 +71,9 @@ class TrainConfig:
     # runs of 3 (README, "Calibrated probabilities").
     calibrate: bool = setting(False, "fit a temperature on the validation split and bake it into the network")
     max_minutes: float | None = setting(None, "time budget for training: stop after the epoch that would overrun it")
+    tensorboard_dir: str | None = setting(
+        None, "write TensorBoard logs here (loss, accuracy and learning rate per epoch): tensorboard --logdir DIR"
+    )
     distribute: str = setting(
         "none",
         "train on several GPUs (mirrored) or machines (multiworker: the cluster comes from TF_CONFIG if set, "
@@ -114,6 +117,9 @@ class ClassifyConfig:
     top_k: int = setting(3, "how many classes classify lists")
     min_confidence: float = setting(
         0.0, "answer 'unknown' when the most likely class has a lower probability (classify); report coverage (test)"
+    )
+    explain: bool = setting(
+        False, "classify: also write where the network looked (a Grad-CAM overlay, IMAGES_DIR/<name>_gradcam.png)"
     )
 
     def __post_init__(self):

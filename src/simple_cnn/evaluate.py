@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, metrics, plots
+from . import data, explain, metrics, plots, report
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, TrainConfig
 from .errors import DataError
 from .files import atomic_output, ensure_writable_dir, write_json
@@ -87,9 +87,38 @@ def evaluate(
         else None,
         images_dir / "metrics.json",
     ]
-    result.images_written = [str(p) for p in written if p is not None]
     write_json(images_dir / "metrics.json", result.as_dict())
+    written.append(write_test_report(images_dir, metadata, result, model, x, y, probabilities, files, worst))
+    result.images_written = [str(p) for p in written if p is not None]
     return result
+
+
+def write_test_report(images_dir: Path, metadata: dict, result: TestResult, model, x, y, probabilities, files, worst) -> Path:
+    """The report page, completed with the test split (report.py)."""
+    curves = images_dir / "training_curves.png"
+    history = metadata.get("training", {}).get("history")
+    if not curves.is_file() and history:  # tested elsewhere than trained: draw them from the model file
+        plots.training_curves(history, curves)
+    evidence = report.Evidence(x, y, probabilities, files, gradcam_overlays(model, x, y, probabilities, worst))
+    figures = {
+        "Reliability diagram": images_dir / "reliability_diagram.png",
+        "Test examples": images_dir / "examples_test_images.png",
+    }
+    return report.write_report(
+        images_dir, metadata, curves, figures, result.as_dict(), evidence, worst, result.skipped, result.duplicates
+    )
+
+
+def gradcam_overlays(model, x, y, probabilities, worst) -> list[tuple[int, str]]:
+    """Grad-CAM overlays (data URIs) of the most confident right answers and the worst wrong ones."""
+    predicted = probabilities.argmax(axis=1)
+    right = np.flatnonzero(predicted == y)
+    right = right[np.argsort(-probabilities[right].max(axis=1), kind="stable")][: report.GRADCAM]
+    rows = np.concatenate([right, worst[: report.GRADCAM]]).astype(int)
+    if len(rows) == 0:
+        return []
+    heat = explain.heat_maps(model, x[rows], predicted[rows])
+    return [(int(r), report.thumbnail(explain.overlay(x[r], h))) for r, h in zip(rows, heat)]
 
 
 def set_aside_copies_of_training(dataset, model_path, records, x, y):

@@ -178,6 +178,7 @@ class ClassifyResult(Result):
     runtime: str  # "litert" or "keras"
     top_k: list[dict]  # {"class", "probability"}, most likely first
     min_confidence: float = 0.0  # below it, the answer is "unknown"
+    explanation: str | None = None  # --explain: the Grad-CAM overlay's path
 
     @property
     def answer(self) -> str:
@@ -192,7 +193,7 @@ class ClassifyResult(Result):
             "class": self.answer,
             "probability": self.top_k[0]["probability"],
             "top_k": self.top_k,
-        }
+        } | ({"explanation": self.explanation} if self.explanation else {})
 
     def human(self) -> str:
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in self.top_k)
@@ -202,7 +203,8 @@ class ClassifyResult(Result):
             head = f"{self.image}: unknown (the most likely, {best})"
         else:
             head = f"{self.image}: {first['class']} (probability {first['probability']:.3f})"
-        return f"{head}\nTop {len(self.top_k)}: {top}"
+        where = f"\nWhere it looked (Grad-CAM): {self.explanation}" if self.explanation else ""
+        return f"{head}\nTop {len(self.top_k)}: {top}{where}"
 
 
 @dataclass
@@ -212,7 +214,7 @@ class ClassifyManyResult(Result):
     mode: ClassVar[str] = "classify"
     model_file_path: str
     runtime: str
-    predictions: list[dict]  # ClassifyResult.as_dict() without mode, model and runtime
+    predictions: list[dict]  # ClassifyResult.as_dict() without mode, model and runtime (with "explanation")
     skipped: list[dict]
     seconds: float
     images_per_second: float | None
@@ -224,7 +226,8 @@ class ClassifyManyResult(Result):
         rows = []
         for r in self.predictions:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
-            rows.append(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}\t{top}")
+            where = f"\t{r['explanation']}" if "explanation" in r else ""
+            rows.append(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}\t{top}{where}")
         return "\n".join(rows)
 
     def notes(self) -> list[str]:

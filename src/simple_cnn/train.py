@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, distribute, metrics, plots
+from . import __version__, data, distribute, metrics, plots, report
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
 from .errors import DataError
 from .files import ensure_writable_dir
@@ -209,11 +209,11 @@ def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cl
 
 
 def run_identity(dataset: data.Dataset, config: TrainConfig, image_size: int) -> dict:
-    """What must match for a run to resume; --epochs and --max_minutes may change."""
+    """What must match for a run to resume; --epochs, --max_minutes and --tensorboard_dir may change."""
     return {
         "dataset_path": str(dataset.root.resolve()),
         "class_names": dataset.class_names,
-        "config": asdict(config) | {"image_size": image_size, "epochs": None, "max_minutes": None},
+        "config": asdict(config) | {"image_size": image_size, "epochs": None, "max_minutes": None, "tensorboard_dir": None},
     }
 
 
@@ -233,6 +233,8 @@ def fit(
     ]
     if config.max_minutes:
         training_callbacks.insert(0, time_budget(model, config.max_minutes))
+    if config.tensorboard_dir and cluster.is_chief:
+        training_callbacks.append(tensorboard_log(Path(config.tensorboard_dir)))
     log.info(
         f"Training at {splits.x_train.shape[1]}x{splits.x_train.shape[2]} pixels, batch size {config.batch_size}, "
         f"{config.epochs} epochs, learning rate warming up to {learning_rate:g} then decaying to zero "
@@ -305,8 +307,8 @@ def summarize(dataset, splits, image_size, config, cluster, history, model_path,
     )
 
 
-def model_metadata(result: TrainResult, config: TrainConfig) -> dict:
-    """What the model file carries about itself (see ``formats.py``)."""
+def model_metadata(result: TrainResult, config: TrainConfig, history: dict) -> dict:
+    """What the model file carries about itself (see ``formats.py``), the report's training part included."""
     return {
         "class_names": result.class_names,
         "image_size": result.image_size,
@@ -318,18 +320,21 @@ def model_metadata(result: TrainResult, config: TrainConfig) -> dict:
         "simple_cnn_version": __version__,
         "keras_version": import_keras().__version__,
         "calibration": result.calibration or {},
+        "images": result.images_used | {"test": result.images["test"]},
         "training": {
             "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
+            "train_seconds": result.train_seconds,
             "config": result.config,
+            "history": {k: [round(float(v), 5) for v in values] for k, values in history.items() if k != "epoch"},
         },
     }
 
 
 def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict, dataset, splits: Splits, images_dir: Path):
-    """The model file, its LiteRT copy, the training curves and example images."""
-    metadata = model_metadata(result, config)
+    """The model file, its LiteRT copy, the training curves, example images and the report page."""
+    metadata = model_metadata(result, config, history)
     # Training is over: drop the compiled training, evaluation and prediction graphs so
     # that the LiteRT converter reuses their memory.
     model.train_function = model.test_function = model.predict_function = None
@@ -350,7 +355,15 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
         "Training images",
         config.seed,
     )
-    result.images_written = [str(curves), str(examples)]
+    page = report.write_report(
+        images_dir,
+        metadata,
+        curves,
+        {"Training examples": examples},
+        skipped=result.skipped,
+        duplicates=result.duplicates,
+    )
+    result.images_written = [str(curves), str(examples), str(page)]
 
 
 def time_budget(model, minutes: float):
@@ -370,6 +383,43 @@ def time_budget(model, minutes: float):
             model.stop_training = True
 
     return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
+
+
+def tensorboard_log(log_dir: Path):
+    """A Keras callback writing each epoch's metrics and learning rate for TensorBoard.
+
+    The same event files and names as ``keras.callbacks.TensorBoard`` (``train/`` and
+    ``validation/`` runs, ``epoch_loss``, ``epoch_accuracy``, ``epoch_learning_rate``),
+    but written with TensorFlow's own ``tf.summary.write``: Keras' callback calls
+    ``tf.summary.scalar``, which TensorFlow takes from the ``tensorboard`` package, and
+    the runtime image does not carry it (only ``tensorboard --logdir`` needs it).
+    """
+    keras, tf = import_keras(), import_tensorflow()
+    from tensorflow.core.framework import summary_pb2
+
+    scalar = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"), data_class=summary_pb2.DATA_CLASS_SCALAR
+    )
+
+    class TensorBoardScalars(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.writers = {run: tf.summary.create_file_writer(str(log_dir / run)) for run in ("train", "validation")}
+
+        def on_epoch_end(self, epoch, logs=None):
+            values = dict(logs or {})
+            values["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
+            for name, value in values.items():
+                run, name = ("validation", name[4:]) if name.startswith("val_") else ("train", name)
+                with self.writers[run].as_default():
+                    tf.summary.write(f"epoch_{name}", tf.constant(float(value)), step=epoch, metadata=scalar)
+            for writer in self.writers.values():
+                writer.flush()
+
+        def on_train_end(self, logs=None):
+            for writer in self.writers.values():
+                writer.close()
+
+    return TensorBoardScalars()
 
 
 def learning_rate_schedule(peak: float, epochs: int, warmup: float, minutes: float | None = None):
