@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -182,3 +183,24 @@ def wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
 def tiny_model(tmp_path_factory) -> Path:
     """A barely trained model (1 epoch at 24x24 pixels): its answers are far from certain."""
     return train_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@contextlib.contextmanager
+def chromium():
+    """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver; .ci/run installs them)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert binary and driver, "install Debian's chromium and chromium-driver (apt-get; .ci/run does it)"
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.binary_location = binary
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield session
+    finally:
+        session.quit()

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
+import http.client
 import json
 import logging
+import re
 import shutil
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import CLASSES, assert_one_line_error, bomb_png, run_cli, shape_image
+from conftest import CLASSES, assert_one_line_error, bomb_png, chromium, run_cli, shape_image, start_cli
 from simple_cnn import data
 from simple_cnn.classify import Predictor
 from simple_cnn.formats import load_model, read_metadata, save_model
@@ -168,6 +177,33 @@ def test_export_onnx_predicts_the_same_classes(trained, new_images):
     np.testing.assert_allclose(got, keras_model(x, training=False), atol=1e-4)
 
 
+def test_quantized_int8_copy_is_smaller_as_accurate_and_classifies(trained, new_images, tmp_path):
+    work, _ = trained
+    result = run_cli("--mode", "export", "--format", "tflite", "--quantize", "int8", "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("\n") < 5, result.stderr  # the converter's own output stays hidden
+    exported = json.loads(result.stdout)
+    assert exported["written"][0] == "models/cnn_model.int8.tflite"
+    float32, int8 = exported["quantization"]["float32"], exported["quantization"]["int8"]
+    assert int8["size_bytes"] < 0.4 * float32["size_bytes"] and int8["test_images"] == float32["test_images"] > 20
+    assert int8["test_accuracy"] >= float32["test_accuracy"] - 0.05
+    assert int8["latency_ms"] > 0 and int8["images_per_second"] > 0
+
+    folder, truth = new_images
+    quantized = "models/cnn_model.int8.tflite"
+    rows = run_cli("--mode", "classify", "--input_path", folder, "--model_file_path", quantized, "--json", cwd=work)
+    assert rows.returncode == 0, rows.stderr
+    answers = json.loads(rows.stdout)
+    assert answers["runtime"] == "litert" and _accuracy(answers["predictions"], truth) >= 0.8
+
+    fake = tmp_path / "fake.tflite"
+    fake.write_bytes(b"TFL3" + bytes(range(256)) * 8)
+    image = folder / "circle_0.png"
+    assert_one_line_error(
+        run_cli("--mode", "classify", "--model_file_path", fake, "--single_image_path", image, cwd=work), 1, "fake.tflite"
+    )
+
+
 @pytest.mark.parametrize(
     "args, word",
     [
@@ -176,6 +212,8 @@ def test_export_onnx_predicts_the_same_classes(trained, new_images):
         (["--mode", "export"], "--format"),
         (["--mode", "export", "--format", "pb"], "--format"),
         (["--mode", "train", "--output", "p.csv"], "--output"),
+        (["--mode", "export", "--format", "onnx", "--quantize", "int8"], "--quantize"),
+        (["--mode", "export", "--format", "tflite", "--quantize", "int4"], "--quantize"),
     ],
 )
 def test_classify_and_export_usage_errors(tmp_path, args, word):
@@ -187,3 +225,171 @@ def test_classify_empty_folder_or_glob_is_one_clear_line(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("--mode", "classify", "--input_path", tmp_path / "empty", cwd=work), 1, "no images")
     assert_one_line_error(run_cli("--mode", "classify", "--input_path", f"{tmp_path}/*.jpg", cwd=work), 1, "no files match")
+
+
+# ---------------------------------------------------------------- --mode serve
+
+
+class Server:
+    """A ``--mode serve`` process and its log, read as it comes (a full pipe would stall the server)."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"http://[\d.]+:\d+", "".join(self.lines))):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)  # it died or hangs
+            time.sleep(0.1)
+        self.url = found.group(0)
+
+    def log(self) -> str:
+        self._reader.join(timeout=30)
+        return "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """``--mode serve`` on the trained model, on a free port, as a user starts it: ``(url, process)``."""
+    work, _ = trained
+    running = Server(start_cli("--mode", "serve", "--port", "0", "--max_body_mb", "1", "--request_timeout", "2", cwd=work))
+    yield running.url, running
+    if running.proc.poll() is None:
+        running.proc.kill()
+
+
+def _request(url: str, path: str, body: bytes | None = None, headers: dict | None = None, method=None):
+    """``(status, JSON)`` of one request."""
+    request = urllib.request.Request(url + path, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _raw_request(url: str, raw: bytes) -> tuple[int, dict]:
+    """Send ``raw`` bytes as they are (a request a normal client would not send); ``(status, JSON)``."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        client.sendall(raw)
+        response = http.client.HTTPResponse(client)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_serve_answers_tensorflow_serving_and_classify_requests(server, new_images):
+    url, _ = server
+    folder, truth = new_images
+    images = sorted(p for p in folder.rglob("*.png") if not p.name.startswith("."))[:6]
+    assert _request(url, "/healthz") == (200, {"status": "ok", "model": "cnn_model", "runtime": "litert"})
+    assert _request(url, "/v1/models/cnn_model")[1]["model_version_status"][0]["state"] == "AVAILABLE"
+
+    instances = [{"b64": base64.b64encode(p.read_bytes()).decode()} for p in images]
+    status, answer = _request(url, "/v1/models/cnn_model:predict", json.dumps({"instances": instances}).encode())
+    assert status == 200 and len(answer["predictions"]) == len(images)
+    classes = [row["classes"] for row in answer["predictions"]]
+    assert np.mean([c == truth[p.name] for c, p in zip(classes, images)]) >= 0.8
+    assert all(abs(sum(row["probabilities"]) - 1) < 1e-3 for row in answer["predictions"])
+    columnar = {"inputs": {"image_bytes": instances[:2]}}
+    status, answer = _request(url, "/v1/models/cnn_model:predict", json.dumps(columnar).encode())
+    assert status == 200 and answer["outputs"]["classes"] == classes[:2]
+
+    raw = _request(url, "/classify", images[0].read_bytes(), {"Content-Type": "image/png"})
+    assert raw[0] == 200 and raw[1]["class"] == classes[0] and raw[1]["runtime"] == "litert"
+    boundary = "simplecnnboundary"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{images[0].name}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + images[0].read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    multipart = _request(url, "/classify", form, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert multipart == (200, raw[1] | {"image": images[0].name})
+
+
+BAD_REQUESTS = [
+    ("/classify", b"this is text, not an image", 400, "not an image"),
+    ("/classify", b"\x89PNG\r\n\x1a\n" + b"\0" * 30, 400, "cannot read"),
+    ("/classify", bomb_png(50_000, 50_000), 400, "pixels"),
+    ("/classify", b"", 400, "empty"),
+    ("/v1/models/cnn_model:predict", b"{not json", 400, "not JSON"),
+    ("/v1/models/cnn_model:predict", b'{"instances": "x"}', 400, "instances"),
+    ("/v1/models/cnn_model:predict", b'{"instances": [{"b64": "%%%"}]}', 400, "base64"),
+    ("/v1/models/cnn_model:predict", b'{"instances": [{"image": 1}]}', 400, "instance 0"),
+    ("/v1/models/other:predict", b'{"instances": []}', 404, "Servable not found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, words", BAD_REQUESTS, ids=[f"{b[0]}-{b[3]}" for b in BAD_REQUESTS])
+def test_serve_bad_requests_get_a_json_error_and_the_server_stays_up(server, path, body, status, words):
+    url, running = server
+    proc = running.proc
+    got, answer = _request(url, path, body, {"Content-Type": "application/octet-stream"}, method="POST")
+    assert (got, words in answer["error"]) == (status, True), answer
+    assert _request(url, "/healthz")[0] == 200 and proc.poll() is None
+
+
+def test_serve_truncated_image_too_large_body_and_wrong_method(server, new_images):
+    url, _ = server
+    folder, _ = new_images
+    whole = (folder / "circle_0.png").read_bytes()
+    assert _request(url, "/classify", whole[: len(whole) // 2])[0] == 400
+    assert _request(url, "/classify")[0] == 405  # GET
+    host, port = url.removeprefix("http://").split(":")
+    too_large = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n"  # refused unread
+    status, answer = _raw_request(url, too_large)
+    assert status == 413 and "larger than 1,048,576 bytes" in answer["error"]
+
+
+def test_serve_slow_client_gets_408_and_many_requests_keep_it_up(server):
+    url, running = server
+    proc = running.proc
+    host, port = url.removeprefix("http://").split(":")
+    slow = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"\xff" * 10  # the rest never comes
+    status, answer = _raw_request(url, slow)
+    assert status == 408 and "--request_timeout" in answer["error"]
+    for _ in range(1000):
+        assert _request(url, "/healthz")[0] == 200
+    assert proc.poll() is None
+
+
+def test_serve_page_classifies_an_uploaded_photo_in_a_browser(server, new_images):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    folder, truth = new_images
+    image = folder / "circle_0.png"
+    with chromium() as browser:
+        browser.get(url + "/")
+        browser.find_element("id", "file").send_keys(str(image))
+        WebDriverWait(browser, 30).until(lambda b: b.find_element("id", "answer").text not in ("", "Looking..."))
+        answer = browser.find_element("id", "answer").text
+        items = browser.find_elements("css selector", "#top li")
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert answer.split(" (")[0] == truth[image.name] and len(items) == 3 and errors == [], (answer, errors)
+
+
+def test_serve_stops_on_sigterm_after_the_request_in_flight(server, new_images):
+    url, running = server
+    proc = running.proc
+    host, port = url.removeprefix("http://").split(":")
+    folder, _ = new_images
+    image = (folder / "circle_0.png").read_bytes()
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(image)}\r\nConnection: close\r\n\r\n"
+        client.sendall(head.encode() + image[:100])
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # while the request is in flight
+        time.sleep(0.3)
+        client.sendall(image[100:])
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert proc.wait(timeout=30) == 0
+    log = running.log()
+    assert "POST /classify 200" in log and "Stopped" in log and "Traceback" not in log
+    assert base64.b64encode(image[:30]).decode()[:20] not in log  # requests are logged without their bytes

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import CLASSES, add_copies, run_cli, shape_image
+from conftest import CLASSES, add_copies, chromium, run_cli, shape_image
 from simple_cnn import data
 
 MARKED = "<blob> & co"  # a class name that would be markup if it were not escaped
@@ -127,21 +127,8 @@ def test_tensorboard_logs_hold_the_curves_and_the_learning_rate(corner):
 
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver; .ci/run installs them)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "install Debian's chromium and chromium-driver (apt-get; .ci/run does it)"
-    options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.binary_location = chromium
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    session = webdriver.Chrome(service=Service(driver), options=options)
-    yield session
-    session.quit()
+    with chromium() as session:
+        yield session
 
 
 def test_report_page_in_a_browser(corner, browser, tmp_path):

@@ -24,7 +24,15 @@ from . import data
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError
 from .files import atomic_output, ensure_writable_dir
-from .formats import LITERT_SHA256, load_model, read_metadata, read_verified, tflite_path
+from .formats import (
+    LITERT_SHA256,
+    load_model,
+    read_metadata,
+    read_regular,
+    read_tflite_metadata,
+    read_verified,
+    tflite_path,
+)
 from .quiet import c_noise_hidden
 from .results import ClassifyManyResult, ClassifyResult, answer
 
@@ -65,33 +73,21 @@ def _glob(pattern: str) -> list[Path]:
     return sorted(p for p in matches if not p.name.startswith(".") and p.is_file())
 
 
-class Predictor:
-    """Probabilities for batches of uint8 images, from LiteRT when possible, else Keras.
+class LiteRT:
+    """A LiteRT interpreter running model bytes: probabilities for batches of uint8 images."""
 
-    ``explain=True`` loads the Keras model (Grad-CAM needs gradients) and adds
-    :meth:`explain`.
-    """
+    def __init__(self, content: bytes):
+        from ai_edge_litert.interpreter import Interpreter
 
-    def __init__(self, model_path, metadata: dict, explain: bool = False):
-        self.metadata = metadata
-        if explain:
-            _check_tensorflow()
-        self._interpreter = None if explain else _litert_interpreter(Path(model_path), metadata)
-        if self._interpreter is not None:
-            self.runtime = "litert"
-            self._input = self._interpreter.get_input_details()[0]["index"]
-            self._output = self._interpreter.get_output_details()[0]["index"]
-            self._batch = None
-        else:
-            self.runtime = "keras"
-            self._model, _ = load_model(model_path)
+        with c_noise_hidden():
+            self._interpreter = Interpreter(model_content=content, num_threads=data.usable_cpus())
+        self.input_shape = tuple(self._interpreter.get_input_details()[0]["shape"][1:])
+        self.outputs = int(self._interpreter.get_output_details()[0]["shape"][-1])
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.runtime == "keras":
-            if len(x) == 1:  # one image: a direct call is much faster than predict()
-                return np.asarray(self._model(x.astype(np.float32), training=False))
-            ds = data.make_tf_dataset(x, np.zeros(len(x), np.int32), batch_size=64)
-            return self._model.predict(ds, verbose=0)
         if self._batch != len(x):
             self._interpreter.resize_tensor_input(self._input, [len(x), *x.shape[1:]])
             with c_noise_hidden():
@@ -100,6 +96,53 @@ class Predictor:
         self._interpreter.set_tensor(self._input, x.astype(np.float32))
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output).copy()
+
+
+def read_model_metadata(model_path) -> dict:
+    """The metadata of a model file: ``.keras``/``.h5``, or a ``.tflite`` named explicitly (e.g. a quantized copy)."""
+    path = Path(model_path)
+    if path.suffix != ".tflite":
+        return read_metadata(path)
+    if not path.is_file():
+        raise DataError(f"no model file at {path}")
+    metadata = read_tflite_metadata(path)
+    if not metadata or not isinstance(metadata.get("class_names"), list) or not isinstance(metadata.get("image_size"), int):
+        raise DataError(f"{path} was not written by simple_cnn (it holds no class names), or it is corrupt or truncated")
+    return metadata
+
+
+class Predictor:
+    """Probabilities for batches of uint8 images, from LiteRT when possible, else Keras.
+
+    A ``.tflite`` model file named explicitly runs on LiteRT, with the checks of any
+    model file. ``explain=True`` loads the Keras model (Grad-CAM needs gradients) and
+    adds :meth:`explain`.
+    """
+
+    def __init__(self, model_path, metadata: dict, explain: bool = False):
+        self.metadata = metadata
+        model_path = Path(model_path)
+        if explain:
+            _check_tensorflow()
+            if model_path.suffix == ".tflite":
+                raise DataError("--explain needs the .keras or .h5 model (Grad-CAM needs gradients), not a .tflite file")
+        if model_path.suffix == ".tflite":
+            self._litert = _named_litert(model_path, metadata)
+        else:
+            self._litert = None if explain else _litert_interpreter(model_path, metadata)
+        if self._litert is not None:
+            self.runtime = "litert"
+        else:
+            self.runtime = "keras"
+            self._model, _ = load_model(model_path)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.runtime == "litert":
+            return self._litert(x)
+        if len(x) == 1:  # one image: a direct call is much faster than predict()
+            return np.asarray(self._model(x.astype(np.float32), training=False))
+        ds = data.make_tf_dataset(x, np.zeros(len(x), np.int32), batch_size=64)
+        return self._model.predict(ds, verbose=0)
 
     def explain(self, x: np.ndarray, probabilities: np.ndarray, paths: list[Path], images_dir: Path) -> list[str]:
         """Write the Grad-CAM overlay of each image's most likely class; their paths."""
@@ -127,6 +170,22 @@ def _check_tensorflow() -> None:
         raise DataError("--explain needs TensorFlow, which is not installed here: use the full simple_cnn image")
 
 
+def _named_litert(path: Path, metadata: dict) -> LiteRT:
+    """The LiteRT model the user named: it must run, and take and give what its metadata says."""
+    content = read_regular(path)
+    try:
+        litert = LiteRT(content)
+    except Exception as e:  # noqa: BLE001 (LiteRT raises ValueError, RuntimeError, ... on a bad model)
+        raise DataError(f"cannot run {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    size, classes = metadata["image_size"], len(metadata["class_names"])
+    if litert.input_shape != (size, size, 3) or litert.outputs != classes:
+        raise DataError(
+            f"{path} is inconsistent: its network takes {litert.input_shape} and gives {litert.outputs} outputs, "
+            f"but its metadata says {size}x{size}x3 images and {classes} classes"
+        )
+    return litert
+
+
 def _litert_interpreter(model_path: Path, metadata: dict):
     """A LiteRT interpreter for the model's ``.tflite`` copy, or None (then Keras is used).
 
@@ -147,15 +206,11 @@ def _litert_interpreter(model_path: Path, metadata: dict):
         )
         log.warning(f"{lite} is not from the same training run as {model_path} ({why}); using the Keras model")
         return None
-    from ai_edge_litert.interpreter import Interpreter
-
     try:
-        with c_noise_hidden():
-            interpreter = Interpreter(model_content=content, num_threads=data.usable_cpus())
+        return LiteRT(content)
     except Exception as e:  # noqa: BLE001 (LiteRT raises ValueError, RuntimeError, ... on a bad model)
         log.warning(f"cannot run {lite} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); using the Keras model")
         return None
-    return interpreter
 
 
 def _top(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
@@ -178,7 +233,7 @@ def classify_many(
     image's Grad-CAM overlay to ``images_dir`` (``explain.py``).
     """
     ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain)
-    metadata = read_metadata(model_path)
+    metadata = read_model_metadata(model_path)
     paths = find_inputs(input_path)
     predictor = Predictor(model_path, metadata, explain)
     size, names = metadata["image_size"], metadata["class_names"]
@@ -228,7 +283,7 @@ def classify(
     ``explain``: also write the Grad-CAM overlay to ``images_dir`` (``explain.py``)."""
     ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain)
     image_path = Path(image_path)
-    metadata = read_metadata(model_path)
+    metadata = read_model_metadata(model_path)
     if not image_path.exists():
         raise DataError(f"no image at {image_path}: check --single_image_path")
     if image_path.is_dir():

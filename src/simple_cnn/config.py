@@ -128,6 +128,28 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Where and how --mode serve listens."""
+
+    host: str = setting("127.0.0.1", "serve: the address to listen on (0.0.0.0 in a container, to be reachable from outside)")
+    port: int = setting(8501, "serve: the port (TensorFlow Serving's REST port); 0 picks a free one")
+    max_body_mb: float = setting(10.0, "serve: requests with a larger body are refused with 413")
+    request_timeout: float = setting(30.0, "serve: seconds a request's body may take to arrive (then 408)")
+    max_connections: int = setting(256, "serve: connections at once; more get 503 at once rather than waiting")
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise SettingError(("port",), f"must be a port number from 0 to 65535, not {self.port}")
+        if self.max_body_mb <= 0 or self.request_timeout <= 0:
+            raise SettingError(("max_body_mb", "request_timeout"), "must be positive")
+        at_least("max_connections", self.max_connections, 1)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Where the workers of ``--distribute multiworker`` are, when no TF_CONFIG says so."""
 

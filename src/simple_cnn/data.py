@@ -453,14 +453,19 @@ def read_image(path: Path, image_size: int) -> np.ndarray:
     Raises ValueError with a short reason for anything it cannot read.
     """
     with open_regular_file(path) as f:
-        try:
-            with Image.open(f) as im:
-                _checked_size(im)
-                im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale
-                with DECODING.hold(im.size[0] * im.size[1]):
-                    return _decode(im, image_size)
-        except Exception as e:  # as in _check_header: any failure to decode means "skip this file"
-            raise ValueError(_reason(e)) from None
+        return decode_stream(f, image_size)
+
+
+def decode_stream(f, image_size: int) -> np.ndarray:
+    """:func:`read_image` for an open binary file or a ``BytesIO`` (an upload, say)."""
+    try:
+        with Image.open(f) as im:
+            _checked_size(im)  # from the header: a decompression bomb is refused before any decoding
+            im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale
+            with DECODING.hold(im.size[0] * im.size[1]):
+                return _decode(im, image_size)
+    except Exception as e:  # as in _check_header: any failure to decode means "skip this file"
+        raise ValueError(_reason(e)) from None
 
 
 def _decode(im: Image.Image, image_size: int) -> np.ndarray:

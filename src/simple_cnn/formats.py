@@ -38,7 +38,7 @@ from pathlib import Path
 from .data import MAX_PIXELS, open_regular_file
 from .errors import DataError, UsageError
 from .files import atomic_dir, atomic_output
-from .quiet import import_keras, import_tensorflow
+from .quiet import c_noise_hidden, import_keras, import_tensorflow
 
 MODEL_SUFFIXES = (".keras", ".h5")
 METADATA_MEMBER = "simple_cnn.json"  # an extra member of the .keras zip archive
@@ -190,19 +190,56 @@ def _converter_quiet():
         yield
 
 
-def write_tflite(model, model_path, metadata: dict) -> tuple[Path, str]:
-    """Convert ``model`` to LiteRT beside ``model_path``, with ``metadata`` inside.
+QUANTIZATIONS = ("float16", "int8")
+
+
+def quantized_path(model_path, quantize: str) -> Path:
+    """``models/cnn_model.keras`` -> ``models/cnn_model.int8.tflite``."""
+    return Path(model_path).with_suffix(f".{quantize}.tflite")
+
+
+def litert_bytes(model, metadata: dict, quantize: str | None = None, calibration=None) -> bytes:
+    """``model`` converted to LiteRT with ``metadata`` inside; optionally quantized.
+
+    ``quantize``: ``float16`` stores the weights as float16 (half the size, computed in
+    float32); ``int8`` quantizes weights and activations to 8-bit integers, calibrated
+    on ``calibration`` (uint8 images, a few hundred training images), with float32
+    input and output so that every caller feeds pixels and reads probabilities as usual.
+    """
+    tf = import_tensorflow()
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        converter.representative_dataset = lambda: ([calibration[i : i + 1].astype("float32")] for i in range(len(calibration)))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    with _converter_quiet(), c_noise_hidden():  # the int8 calibrator also writes to fd 2 from C++
+        flat = converter.convert()
+    return _with_metadata(flat, metadata)
+
+
+def write_tflite(model, model_path, metadata: dict, quantize: str | None = None, calibration=None) -> tuple[Path, str]:
+    """Convert ``model`` to LiteRT beside ``model_path``, with ``metadata`` inside (see :func:`litert_bytes`).
 
     Returns the path and the file's SHA-256, which the caller stores in the model
     file's metadata (``LITERT_SHA256``): classify runs a LiteRT copy only when its bytes
     have exactly that digest, so a ``.tflite`` planted beside a model is never used.
+    A quantized copy goes to :func:`quantized_path`, used only when named explicitly.
     """
+    content = litert_bytes(model, metadata, quantize, calibration)
+    path = quantized_path(model_path, quantize) if quantize else tflite_path(model_path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(content)
+    return path, hashlib.sha256(content).hexdigest()
+
+
+def _with_metadata(flat: bytes, metadata: dict) -> bytes:
+    """A LiteRT flatbuffer with ``metadata`` (JSON) appended to its ``metadata`` list."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    tf = import_tensorflow()
-    with _converter_quiet():
-        flat = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     tree = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
     buffer = schema.BufferT()
     buffer.data = list(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
@@ -211,11 +248,7 @@ def write_tflite(model, model_path, metadata: dict) -> tuple[Path, str]:
     entry.name = TFLITE_METADATA_NAME
     entry.buffer = len(tree.buffers) - 1
     tree.metadata = [*(tree.metadata or []), entry]
-    content = bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
-    path = tflite_path(model_path)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(content)
-    return path, hashlib.sha256(content).hexdigest()
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
 
 
 def read_verified(path: Path, sha256: str | None, limit: int = 1 << 30) -> bytes | None:
@@ -227,13 +260,21 @@ def read_verified(path: Path, sha256: str | None, limit: int = 1 << 30) -> bytes
     if not sha256:
         return None
     try:
-        with open_regular_file(path) as f:
-            if os.fstat(f.fileno()).st_size > limit:
-                return None
-            content = f.read(limit + 1)
-    except (OSError, ValueError):
+        content = read_regular(path, limit)
+    except DataError:
         return None
     return content if hashlib.sha256(content).hexdigest() == sha256 else None
+
+
+def read_regular(path: Path, limit: int = 1 << 30) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; else DataError."""
+    try:
+        with open_regular_file(path) as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise DataError(f"{path} is larger than {limit:,} bytes: is it a model file?")
+            return f.read(limit + 1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
 
 
 def read_tflite_metadata(path) -> dict | None:

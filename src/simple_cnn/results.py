@@ -244,6 +244,13 @@ class ExportResult(Result):
     format: str
     model_file_path: str
     written: list[str]
+    quantization: dict | None = None  # --quantize: {"float32": {...}, "int8": {...}}, export.measure()'s figures
 
     def human(self) -> str:
-        return f"Exported {self.format}: {', '.join(self.written)}"
+        lines = [f"Exported {self.format}: {', '.join(self.written)}"]
+        for kind, m in (self.quantization or {}).items():
+            lines.append(
+                f"{kind:8s} {m['size_bytes'] / 1e6:6.2f} MB, test accuracy {m['test_accuracy']:.3f} "
+                f"({m['test_images']} images), one image {m['latency_ms']:.2f} ms, {m['images_per_second']:.0f} images/s"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Serve mode: the model behind HTTP, for applications and for people.
+
+- ``POST /v1/models/<name>:predict`` and ``GET /v1/models/<name>``: TensorFlow Serving's
+  REST dialect (``{"instances": [{"b64": ...}]}`` in, ``{"predictions": [...]}`` out, as
+  the exported SavedModel's signature: ``probabilities``, ``classes``, ``scores``), so
+  existing clients work unchanged. ``<name>`` is the model file's stem.
+- ``POST /classify``: one image (a multipart upload or the raw bytes), the same JSON as
+  ``--mode classify --json``.
+- ``GET /healthz``; ``GET /``: a page to pick or drop a photo on.
+
+Starlette (the ASGI toolkit FastAPI is built on; we need its routing and requests, not
+schemas) in uvicorn, the standard production ASGI server. Predictions run on LiteRT
+when the model's verified ``.tflite`` copy is there (no TensorFlow import), else Keras,
+in a worker thread, one at a time: the interpreter is not thread-safe, and one image
+takes about a millisecond. Every error is a JSON ``{"error": ...}`` with its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .classify import Predictor, read_model_metadata
+from .config import ClassifyConfig, ServeConfig
+from .errors import DataError
+from .results import ClassifyResult
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("serve_page.html")
+
+
+class Model:
+    """The served model: metadata, a predictor, and a lock around it."""
+
+    def __init__(self, model_path: Path, classify: ClassifyConfig):
+        self.path = Path(model_path)
+        self.name = self.path.name.split(".")[0]
+        self.metadata = read_model_metadata(self.path)
+        self.predictor = Predictor(self.path, self.metadata)
+        self.classify = classify
+        self._lock = threading.Lock()
+
+    def probabilities(self, images: list[bytes]) -> np.ndarray:
+        """Decode and predict; ValueError names the first image that cannot be read."""
+        size = self.metadata["image_size"]
+        pixels = []
+        for i, content in enumerate(images):
+            try:
+                pixels.append(data.decode_stream(io.BytesIO(content), size))
+            except ValueError as e:
+                which = f"image {i}" if len(images) > 1 else "the image"
+                raise ValueError(f"cannot read {which}: {e}") from None
+        with self._lock:
+            return self.predictor(np.stack(pixels))
+
+    def top(self, probabilities: np.ndarray) -> list[dict]:
+        order = np.argsort(probabilities)[::-1][: self.classify.top_k]
+        names = self.metadata["class_names"]
+        return [{"class": names[i], "probability": float(probabilities[i])} for i in order]
+
+
+def build_app(model: Model, config: ServeConfig):
+    """The ASGI application serving ``model``."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def refuse_declared_size(request: Request) -> None:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)")
+
+    async def body(request: Request) -> bytes:
+        """The request body, refused above the size limit (413) without reading it all."""
+        refuse_declared_size(request)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def image_of(request: Request) -> tuple[bytes, str]:
+        """The uploaded image and its name: a multipart form's first file, or the raw body."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            refuse_declared_size(request)  # a chunked upload is bounded by max_part_size (then 400)
+            async with request.form(max_files=1, max_fields=8, max_part_size=config.max_body_bytes) as form:
+                upload = next((v for v in form.values() if hasattr(v, "read")), None)
+                if upload is None:
+                    raise HTTPException(400, "the form holds no file: send the image as a file field")
+                return await upload.read(), upload.filename or "upload"
+        return await body(request), "upload"
+
+    async def classify(request: Request):
+        content, name = await image_of(request)
+        if not content:
+            raise HTTPException(400, "the body is empty: send an image (raw bytes or a multipart upload)")
+        try:
+            probabilities = (await run_in_threadpool(model.probabilities, [content]))[0]
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        top = model.top(probabilities)
+        result = ClassifyResult(name, str(model.path), model.predictor.runtime, top, model.classify.min_confidence)
+        return JSONResponse(result.as_dict())
+
+    def check_name(name: str) -> None:
+        if name != model.name:
+            raise HTTPException(404, f"Servable not found for request: Latest({name}); this server has {model.name}")
+
+    async def status(request: Request):
+        check_name(request.path_params["name"])
+        state = {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        return JSONResponse({"model_version_status": [state]})
+
+    async def predict(request: Request):
+        name, _, verb = request.path_params["target"].partition(":")
+        check_name(name)
+        if verb != "predict":
+            raise HTTPException(404, f"unknown method {verb or '(none)'}: this server answers :predict")
+        try:
+            payload = json.loads(await body(request))
+        except ValueError:
+            raise HTTPException(400, 'the body is not JSON: send {"instances": [{"b64": "..."}]}') from None
+        images, columnar = instances_of(payload)
+        try:
+            probabilities = await run_in_threadpool(model.probabilities, images)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        names = model.metadata["class_names"]
+        rows = [{"probabilities": p.tolist(), "classes": names[int(p.argmax())], "scores": float(p.max())} for p in probabilities]
+        if columnar:
+            return JSONResponse({"outputs": {key: [r[key] for r in rows] for key in ("probabilities", "classes", "scores")}})
+        return JSONResponse({"predictions": rows})
+
+    async def healthz(request: Request):
+        return JSONResponse({"status": "ok", "model": model.name, "runtime": model.predictor.runtime})
+
+    async def page(request: Request):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
+
+    async def http_error(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    async def unexpected(request, exc: Exception):
+        log.error(f"{request.method} {request.url.path}: {type(exc).__name__}: {exc}")
+        return error(500, "internal error (the server log says more)")
+
+    async def disconnected(request, exc: ClientDisconnect):
+        return error(400, "the client went away before sending the whole body")
+
+    routes = [
+        Route("/", page),
+        Route("/healthz", healthz),
+        Route("/classify", classify, methods=["POST"]),
+        Route("/v1/models/{name}", status),
+        Route("/v1/models/{target:path}", predict, methods=["POST"]),
+    ]
+    handlers = {HTTPException: http_error, ClientDisconnect: disconnected, Exception: unexpected}
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    return RequestLog(SlowClientGuard(app, config.request_timeout))
+
+
+PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; connect-src 'self'"
+
+
+def instances_of(payload) -> tuple[list[bytes], bool]:
+    """The images of a TensorFlow Serving request, and whether it is columnar (``inputs``).
+
+    Accepted: ``{"instances": [{"b64": ...}, ...]}``, ``{"instances": [{"image_bytes":
+    {"b64": ...}}]}`` (the SavedModel's input name), and ``{"inputs": ...}`` with either.
+    """
+    from starlette.exceptions import HTTPException
+
+    if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
+        raise HTTPException(400, 'send {"instances": [{"b64": "<base64 image>"}, ...]} (or "inputs")')
+    columnar = "inputs" in payload
+    items = payload["inputs"] if columnar else payload["instances"]
+    if isinstance(items, dict) and "image_bytes" in items:
+        items = items["image_bytes"]
+    if not isinstance(items, list) or not items:
+        raise HTTPException(400, '"instances" must be a non-empty list of {"b64": "<base64 image>"}')
+    if len(items) > 64:
+        raise HTTPException(413, "at most 64 instances per request")
+    images = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and isinstance(item.get("image_bytes"), dict):
+            item = item["image_bytes"]
+        if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
+            raise HTTPException(400, f'instance {i} is not {{"b64": "<base64 image>"}}')
+        try:
+            images.append(base64.b64decode(item["b64"], validate=True))
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, f"instance {i}: b64 is not valid base64") from None
+    return images, columnar
+
+
+class SlowClientGuard:
+    """ASGI middleware: a request whose body does not arrive within ``timeout`` seconds gets 408.
+
+    uvicorn closes idle keep-alive connections itself, but it sets no limit on a body
+    that trickles in, which would hold a connection (and its memory) for as long as the
+    client likes. The 408 is raised where the app reads the body, so the app's own
+    error handler answers it (as JSON).
+    """
+
+    def __init__(self, app, timeout: float):
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        deadline = time.monotonic() + self.timeout
+
+        async def guarded_receive():
+            try:
+                return await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(408, f"the body did not arrive within {self.timeout:g} s (--request_timeout)") from None
+
+        await self.app(scope, guarded_receive, send)
+
+
+class RequestLog:
+    """ASGI middleware: one line per request (method, path, status, milliseconds), never the body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:  # noqa: BLE001 (already answered 500 by Starlette's handler, and logged in one line)
+            pass  # re-raised by Starlette so that servers may log it: uvicorn would print a traceback
+        finally:
+            path = data.shown(scope.get("path", ""))[:200]
+            log.info(f"{scope['method']} {path} {status} {1000 * (time.perf_counter() - start):.1f} ms")
+
+
+def serve(model_path, config: ServeConfig | None = None, classify: ClassifyConfig | None = None) -> None:
+    """Serve ``model_path`` until SIGTERM or Ctrl-C; in-flight requests finish first."""
+    import uvicorn
+
+    config = config or ServeConfig()
+    model = Model(Path(model_path), classify or ClassifyConfig())
+    app = build_app(model, config)
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+        sock.listen(2048)  # connections wait in the backlog from now on, even before uvicorn accepts them
+    except OSError as e:
+        sock.close()
+        raise DataError(f"cannot listen on {config.host}:{config.port}: {e.strerror} (--host, --port)") from None
+    host, port = sock.getsockname()[:2]
+    log.info(
+        f"Serving {model.path} ({len(model.metadata['class_names'])} classes, {model.predictor.runtime}) "
+        f"on http://{host}:{port}/ (TensorFlow Serving API at /v1/models/{model.name}); Ctrl-C or SIGTERM stops"
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_config=None,  # our logger: one line per request (RequestLog)
+            access_log=False,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=config.request_timeout,
+            limit_concurrency=config.max_connections,
+            h11_max_incomplete_event_size=16 * 1024,  # header block limit
+        )
+    )
+    # uvicorn stops on SIGTERM or SIGINT after the requests in flight, then raises the
+    # signal again for the handlers it found: make those no-ops, so that a clean stop
+    # exits 0 (the CLI's own handlers would turn it into an interrupted run).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+    server.run(sockets=[sock])
+    log.info("Stopped: every request in flight was answered")
