@@ -134,6 +134,11 @@ class Predictor:
             self.runtime = "litert"
         else:
             self.runtime = "keras"
+            if not has_tensorflow():
+                raise DataError(
+                    f"{model_path} has no LiteRT copy beside it ({tflite_path(model_path).name}), and without TensorFlow "
+                    "(the slim image) only that can run: make it with --mode export --format tflite in the full image"
+                )
             self._model, _ = load_model(model_path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -162,11 +167,16 @@ class Predictor:
         return written
 
 
-def _check_tensorflow() -> None:
-    """--explain needs TensorFlow: one line where it is not installed (the slim classify image)."""
+def has_tensorflow() -> bool:
+    """Whether TensorFlow is installed (not in the slim classify image), without importing it."""
     import importlib.util
 
-    if importlib.util.find_spec("tensorflow") is None:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _check_tensorflow() -> None:
+    """--explain needs TensorFlow: one line where it is not installed (the slim classify image)."""
+    if not has_tensorflow():
         raise DataError("--explain needs TensorFlow, which is not installed here: use the full simple_cnn image")
 
 

@@ -242,6 +242,9 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
+FULL_IMAGE_ONLY = {"tensorflow", "keras", "sklearn", "matplotlib", "scipy", "h5py", "tf2onnx"}
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
@@ -272,17 +275,28 @@ def main(argv=None) -> int:
     except OSError as e:  # disk full, permissions, ... on a path the message names
         _error(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
         return 1
+    except ModuleNotFoundError as e:  # the slim classify image has no TensorFlow, scikit-learn or matplotlib
+        package = (e.name or "").split(".")[0]
+        if package not in FULL_IMAGE_ONLY:
+            _unexpected(e, args.verbose)
+        _error(f"--mode {args.mode} needs {package}, which is not installed here: use the full simple_cnn image")
+        return 1
     except KeyboardInterrupt as e:
         resume = " (run the same command again to resume training; --fresh starts over)" if args.mode == "train" else ""
         print(f"simple-cnn: interrupted{resume}", file=sys.stderr)
         _end_now(128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT))
     except Exception as e:  # noqa: BLE001 (the last resort: a bug, or a failure nobody foresaw)
-        if args.verbose:
-            traceback.print_exc()
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _error(f"unexpected {type(e).__name__}{': ' if detail else ''}{detail} (please report it; --verbose shows where)")
-        _end_now(1)
+        _unexpected(e, args.verbose)
     return 0
+
+
+def _unexpected(e: Exception, verbose: bool) -> None:
+    """One line for a bug or a failure nobody foresaw (the traceback with --verbose); exit 1."""
+    if verbose:
+        traceback.print_exc()
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    _error(f"unexpected {type(e).__name__}{': ' if detail else ''}{detail} (please report it; --verbose shows where)")
+    _end_now(1)
 
 
 def _print_result(result, as_json: bool) -> None:
