@@ -2,7 +2,10 @@
 #   docker build -t simple_cnn .
 #   docker run --rm --user "$(id -u):$(id -g)" -v ./datasets:/app/datasets -v ./models:/app/models \
 #     -v ./images:/app/images simple_cnn --mode train
-FROM python:3.11-slim
+# A slim image for classify and serve only (LiteRT, no TensorFlow):
+#   docker build --target classify -t simple_cnn:classify .
+
+FROM python:3.11-slim AS base
 
 # Quiet, unbuffered logs (docker logs shows each epoch as it ends); caches that any
 # --user can write, since that user may have no home folder in the image.
@@ -17,22 +20,34 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, in their own layer: a code change does not reinstall TensorFlow.
-# The GPU image: docker build --build-arg REQUIREMENTS=requirements-gpu.txt -t simple_cnn:gpu .
-ARG REQUIREMENTS=requirements.txt
-COPY ${REQUIREMENTS} ./requirements.txt
-RUN pip install --no-cache-dir --require-hashes -r requirements.txt
-
 # A non-root user; the three data folders are theirs (and any --user may write them
 # when mounted from the host with the right owner).
 RUN useradd --create-home --uid 1000 --user-group simplecnn \
     && mkdir -p datasets models images \
     && chown simplecnn:simplecnn datasets models images
-
-COPY LICENSE.txt ./
-COPY src/ src/
-
-USER 1000:1000
 VOLUME ["/app/datasets", "/app/models", "/app/images"]
+# serve's port (TensorFlow Serving's REST port): docker run -p 8501:8501 ... --mode serve --host 0.0.0.0
+EXPOSE 8501
 ENTRYPOINT ["python", "-m", "simple_cnn"]
 CMD ["--help"]
+
+
+# The slim image: classify and serve, from a model's LiteRT copy.
+FROM base AS classify
+COPY requirements-classify.txt ./requirements.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+COPY LICENSE.txt ./
+COPY src/ src/
+USER 1000:1000
+
+
+# The full image, and the default target (last): every mode.
+FROM base AS full
+# Dependencies first, in their own layer: a code change does not reinstall TensorFlow.
+# The GPU image: docker build --build-arg REQUIREMENTS=requirements-gpu.txt -t simple_cnn:gpu .
+ARG REQUIREMENTS=requirements.txt
+COPY ${REQUIREMENTS} ./requirements.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+COPY LICENSE.txt ./
+COPY src/ src/
+USER 1000:1000

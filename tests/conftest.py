@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -150,19 +151,47 @@ def train_tiny_model(work: Path) -> Path:
     return work / "models" / "cnn_model.keras"
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills, built once per test run and copied for each xdist worker.
+
+    pytest-xdist's recipe for session fixtures that should run only once: the workers of
+    one run share the parent of their temporary folders; the first to come builds under
+    a lock, and each worker then works on its own copy (tests write into it: exports,
+    test-mode outputs), so no worker sees another's changes.
+    """
+    local = tmp_path_factory.mktemp(name)
+    if worker_id == "master":  # not under xdist
+        build(local)
+        return local
+    root = tmp_path_factory.getbasetemp().parent
+    shared = root / f"shared-{name}"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / ".built").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            build(shared)
+            (shared / ".built").touch()
+    shutil.copytree(shared, local, dirs_exist_ok=True, symlinks=True)
+    return local
+
+
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, worker_id):
     """One real training run through the CLI, shared by the end-to-end tests.
 
     Returns the working folder (with datasets/, models/, images/) and the train summary.
     """
-    work = tmp_path_factory.mktemp("e2e")
-    make_shapes_dataset(work / "datasets" / "shapes", per_class=60)
-    result = run_cli(
-        "--mode", "train", "--dataset_path", "datasets/shapes", "--epochs", "10", "--batch_size", "16", "--json", cwd=work
-    )
-    assert result.returncode == 0, result.stderr
-    return work, json.loads(result.stdout)
+
+    def build(work: Path) -> None:
+        make_shapes_dataset(work / "datasets" / "shapes", per_class=60)
+        args = ("--mode", "train", "--dataset_path", "datasets/shapes", "--epochs", "10", "--batch_size", "16", "--json")
+        result = run_cli(*args, cwd=work)
+        assert result.returncode == 0, result.stderr
+        (work / "train.json").write_text(result.stdout)
+
+    work = built_once(tmp_path_factory, worker_id, "e2e", build)
+    return work, json.loads((work / "train.json").read_text())
 
 
 def wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
@@ -180,9 +209,9 @@ def wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(tmp_path_factory, worker_id) -> Path:
     """A barely trained model (1 epoch at 24x24 pixels): its answers are far from certain."""
-    return train_tiny_model(tmp_path_factory.mktemp("tiny"))
+    return built_once(tmp_path_factory, worker_id, "tiny", train_tiny_model) / "models" / "cnn_model.keras"
 
 
 @contextlib.contextmanager
