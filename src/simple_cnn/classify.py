@@ -223,7 +223,7 @@ def _litert_interpreter(model_path: Path, metadata: dict):
         return None
 
 
-def _top(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
+def top_classes(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
     order = np.argsort(probabilities)[::-1][: max(1, top_k)]
     return [{"class": class_names[i], "probability": float(probabilities[i])} for i in order]
 
@@ -259,7 +259,7 @@ def classify_many(
         probabilities = predictor(x)
         overlays = predictor.explain(x, probabilities, good, images_dir) if explain else [None] * len(good)
         for path, probs, overlay in zip(good, probabilities, overlays):
-            top = _top(probs, names, top_k)
+            top = top_classes(probs, names, top_k)
             predictions.append(
                 {
                     "image": data.shown(str(path)),
@@ -304,7 +304,7 @@ def classify(
         raise DataError(f"cannot read the image {image_path}: {e}") from None
     predictor = Predictor(model_path, metadata, explain)
     probabilities = predictor(pixels[None])
-    top = _top(probabilities[0], metadata["class_names"], top_k)
+    top = top_classes(probabilities[0], metadata["class_names"], top_k)
     overlay = predictor.explain(pixels[None], probabilities, [image_path], images_dir)[0] if explain else None
     return ClassifyResult(str(image_path), str(model_path), predictor.runtime, top, min_confidence, overlay)
 

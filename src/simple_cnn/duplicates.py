@@ -85,13 +85,11 @@ def _mirror_symmetric_samples(size: int, count: int) -> np.ndarray:
     return np.unique(np.concatenate([left, size - 1 - left]))
 
 
-def _dct_rows(n: int, rows: int) -> np.ndarray:
-    """The first ``rows`` rows of the orthonormal DCT-II matrix of size ``n`` (as scipy.fft.dct(norm="ortho"))."""
-    k = np.arange(rows)[:, None]
-    i = np.arange(n)[None, :]
-    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
-    m[0] /= np.sqrt(2)
-    return m
+def _dct_rows(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix of size ``n`` (rows are frequencies), from SciPy."""
+    from scipy.fft import dct
+
+    return dct(np.eye(n), norm="ortho", axis=0)
 
 
 def _area_resize(size: int, n: int) -> np.ndarray:
@@ -126,7 +124,7 @@ def signatures(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]
     # (NumPy's batched products of small matrices, and its grey conversion, are many
     # times slower). Vertically: the 8 DCT rows, the 16 thumbnail rows, the 4 grid rows.
     vertical = np.concatenate(
-        [_dct_rows(THUMBNAIL, LOW) @ _area_resize(side, THUMBNAIL), _area_resize(side, SMALL), _area_resize(side, GRID)]
+        [_dct_rows(THUMBNAIL)[:LOW] @ _area_resize(side, THUMBNAIL), _area_resize(side, SMALL), _area_resize(side, GRID)]
     ).astype(np.float32)
     # Horizontally, on interleaved RGB: the same 24 rows applied to grey, then the grid per colour.
     grey_rows = np.einsum("jx,c->xcj", vertical[: LOW + SMALL], GREY).reshape(side * 3, -1)

@@ -73,7 +73,9 @@ def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dat
     x, y = data.load_images(dataset, dataset.split("test"), size)
     if len(x) == 0:
         raise DataError(f"the test split of {root} holds no readable images: nothing to measure the quantized model on")
-    reference = formats.litert_bytes(model, metadata)  # the float32 LiteRT model, in memory
+    # The float32 LiteRT model: the copy training wrote, if it is the verified one; else converted in memory.
+    reference = formats.read_verified(formats.tflite_path(model_path), metadata.get(formats.LITERT_SHA256))
+    reference = reference or formats.litert_bytes(model, metadata)
     measured = {"float32": measure(LiteRT(reference), len(reference), x, y)}
     measured[quantize] = measure(LiteRT(path.read_bytes()), path.stat().st_size, x, y)
     files = [str(path), str(formats.write_labels(model_path, metadata["class_names"]))]

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .classify import Predictor, read_model_metadata
+from .classify import Predictor, read_model_metadata, top_classes
 from .config import ClassifyConfig, ServeConfig
 from .errors import DataError
 from .results import ClassifyResult
@@ -65,11 +65,6 @@ class Model:
                 raise ValueError(f"cannot read {which}: {e}") from None
         with self._lock:
             return self.predictor(np.stack(pixels))
-
-    def top(self, probabilities: np.ndarray) -> list[dict]:
-        order = np.argsort(probabilities)[::-1][: self.classify.top_k]
-        names = self.metadata["class_names"]
-        return [{"class": names[i], "probability": float(probabilities[i])} for i in order]
 
 
 def build_app(model: Model, config: ServeConfig):
@@ -119,7 +114,7 @@ def build_app(model: Model, config: ServeConfig):
             probabilities = (await run_in_threadpool(model.probabilities, [content]))[0]
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
-        top = model.top(probabilities)
+        top = top_classes(probabilities, model.metadata["class_names"], model.classify.top_k)
         result = ClassifyResult(name, str(model.path), model.predictor.runtime, top, model.classify.min_confidence)
         return JSONResponse(result.as_dict())
 
