@@ -32,10 +32,22 @@ ENTRYPOINT ["python", "-m", "simple_cnn"]
 CMD ["--help"]
 
 
+# The slim image's packages, installed and then pruned (scripts/prune-slim says what and
+# why) in a stage of their own: only the pruned folder reaches the image, not the tools.
+FROM base AS classify-packages
+# binutils (for strip) is not pinned: it never reaches an image, and whichever release the
+# base's Debian carries strips the same.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/*
+COPY requirements-classify.txt scripts/prune-slim ./
+RUN pip install --no-cache-dir --require-hashes --target /opt/packages -r requirements-classify.txt \
+    && ./prune-slim /opt/packages
+
 # The slim image: classify and serve, from a model's LiteRT copy.
 FROM base AS classify
-COPY requirements-classify.txt ./requirements.txt
-RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+COPY --from=classify-packages /opt/packages /opt/packages
+ENV PYTHONPATH=/app/src:/opt/packages
 COPY LICENSE.txt ./
 COPY src/ src/
 USER 1000:1000

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- tests/test_docker.py runs these commands verbatim -->"
+SLIM_MARKER = "<!-- tests/test_docker.py runs these slim-image commands verbatim, after the ones above -->"
 
 
 def _docker_available() -> str | None:
@@ -28,11 +30,11 @@ def _docker_available() -> str | None:
     return None
 
 
-def readme_docker_commands() -> list[str]:
-    """The shell commands of the README block that follows MARKER."""
+def readme_docker_commands(marker: str = MARKER) -> list[str]:
+    """The shell commands of the README block that follows ``marker``."""
     text = (REPO / "README.md").read_text()
-    block = re.search(re.escape(MARKER) + r"\s*```sh\n(.*?)```", text, re.S)
-    assert block, "README.md has no docker block after the marker"
+    block = re.search(re.escape(marker) + r"\s*```sh\n(.*?)```", text, re.S)
+    assert block, f"README.md has no docker block after {marker}"
     return [line for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
 
 
@@ -47,7 +49,14 @@ def sh(command: str, cwd: Path, timeout: float = 1800) -> subprocess.CompletedPr
     return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_readme_docker_commands_train_test_and_classify(docker_ready, tmp_path):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The user's folder: the full image's commands train here, the slim image's reuse the model."""
+    return tmp_path_factory.mktemp("user")
+
+
+def test_readme_docker_commands_train_test_and_classify(docker_ready, workdir):
+    tmp_path = workdir
     commands = readme_docker_commands()
     assert commands[0] == "docker build -t simple_cnn ."
     build = sh(commands[0], cwd=REPO)
@@ -84,3 +93,47 @@ def test_unwritable_mount_gives_one_clear_line(docker_ready, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("simple-cnn: error: cannot write to the model folder /app/models"), result.stderr
     assert "--user" in lines[-1] and "Traceback" not in result.stderr
+
+
+def _wait_until_serving(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sh(f"curl -sf {url}/healthz", cwd=REPO, timeout=10).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the server did not answer {url}/healthz within {timeout} s")
+
+
+def test_slim_image_classifies_and_serves_the_full_images_model(docker_ready, workdir):
+    """The README's slim-image block, after the full image trained: no TensorFlow, the LiteRT copy answers."""
+    if not (workdir / "models" / "cnn_model.tflite").exists():
+        pytest.skip("the full image's test did not train a model")
+    commands = readme_docker_commands(SLIM_MARKER)
+    build, classify, serve, curl, stop = commands
+    assert build.startswith("docker build --target classify")
+    assert sh(build, cwd=REPO).returncode == 0
+
+    result = sh(classify, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split(": ")[1].startswith("7 "), result.stdout
+    no_tf = sh("docker run --rm --entrypoint python simple_cnn:classify -c 'import tensorflow'", cwd=workdir)
+    assert no_tf.returncode != 0 and "No module named 'tensorflow'" in no_tf.stderr
+    refused = sh("docker run --rm -v ./datasets:/app/datasets -v ./models:/app/models simple_cnn:classify --mode train", cwd=workdir)
+    assert refused.returncode != 0 and "full" in refused.stderr.strip().splitlines()[-1], refused.stderr
+
+    sh("docker rm -f simple_cnn_serve", cwd=workdir)  # a leftover of an interrupted run
+    try:
+        assert sh(serve, cwd=workdir).returncode == 0
+        _wait_until_serving("http://127.0.0.1:8501")
+        answer = sh(curl, cwd=workdir)
+        assert answer.returncode == 0, answer.stderr
+        assert json.loads(answer.stdout)["class"] == "7", answer.stdout
+        stop_container, remove = stop.split(" && ")
+        assert sh(stop_container, cwd=workdir).returncode == 0
+        code = sh("docker inspect simple_cnn_serve --format '{{.State.ExitCode}}'", cwd=workdir)
+        assert code.stdout.strip() == "0", code  # SIGTERM: a clean stop
+        logs = sh("docker logs simple_cnn_serve", cwd=workdir).stderr
+        assert re.search(r"POST /classify 200 \d", logs), logs  # one line per request
+        assert sh(remove, cwd=workdir).returncode == 0
+    finally:
+        sh("docker rm -f simple_cnn_serve", cwd=workdir)

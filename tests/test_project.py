@@ -96,7 +96,7 @@ def _tool(name: str) -> str | None:
 @pytest.mark.parametrize(
     "tool, args",
     [
-        ("shellcheck", ["download_datasets.sh", ".ci/run", "scripts/lock"]),
+        ("shellcheck", ["download_datasets.sh", ".ci/run", "scripts/lock", "scripts/prune-slim"]),
         ("hadolint", ["--failure-threshold", "warning", "Dockerfile"]),
     ],
 )
