@@ -19,6 +19,28 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
+# pytest-xdist hands each worker whole files (--dist loadfile), in collection order, and
+# --no-loadscope-reorder keeps that order; so the slowest files (from --durations) go first,
+# and a slow file collected last does not run alone at the end. Files not named come after.
+SLOWEST_FIRST = (
+    "test_hostile.py",
+    "test_distribute.py",
+    "test_interrupts.py",
+    "test_cli.py",
+    "test_reliability.py",
+    "test_bench.py",
+    "test_classify_export.py",
+    "test_docker.py",
+    "test_metrics.py",
+    "test_report.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 CLASSES = ("circle", "square", "triangle")
 COLOURS = {"circle": (220, 40, 40), "square": (40, 180, 40), "triangle": (40, 70, 220)}
 

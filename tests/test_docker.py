@@ -118,7 +118,9 @@ def test_slim_image_classifies_and_serves_the_full_images_model(docker_ready, wo
     assert result.stdout.split(": ")[1].startswith("7 "), result.stdout
     no_tf = sh("docker run --rm --entrypoint python simple_cnn:classify -c 'import tensorflow'", cwd=workdir)
     assert no_tf.returncode != 0 and "No module named 'tensorflow'" in no_tf.stderr
-    refused = sh("docker run --rm -v ./datasets:/app/datasets -v ./models:/app/models simple_cnn:classify --mode train", cwd=workdir)
+    refused = sh(
+        "docker run --rm -v ./datasets:/app/datasets -v ./models:/app/models simple_cnn:classify --mode train", cwd=workdir
+    )
     assert refused.returncode != 0 and "full" in refused.stderr.strip().splitlines()[-1], refused.stderr
 
     sh("docker rm -f simple_cnn_serve", cwd=workdir)  # a leftover of an interrupted run
