@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 from classify_bench import cold_start, throughput  # noqa: E402
 
@@ -146,12 +148,17 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
     }
 
 
-def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int = 40, rounds: int = 4) -> dict:
+def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int = 15, rounds: int = 12) -> dict:
     """Steady-state training images/s of our model fed three ways (runs in its own process):
     ``memory`` repeats one batch already in memory as a float32 tensor (the ideal feed);
     ``pipeline`` is our tf.data pipeline over the decoded uint8 cache in RAM (the default);
     ``disk_cache`` is the same pipeline over the memory-mapped cache of ``--cache_dir``.
-    The feeds take turns, ``rounds`` times, and each keeps its best round."""
+
+    The machine's speed drifts by more than the differences measured, so the feeds take
+    turns in many short rounds (the order rotating each round), and each round gives a
+    ratio of feeds measured seconds apart: the result is the median ratio, with its
+    quartiles as the spread. (Best-of-4 rounds of 40 steps once gave 76% and 124% in two
+    runs on the same data.)"""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from simple_cnn import data
     from simple_cnn.model import build_model
@@ -169,32 +176,41 @@ def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int =
         model = build_model(len(ds.class_names), image_size)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         batch = (tf.constant(x[:batch_size], tf.float32), tf.constant(y[:batch_size]))
+        # Each feed is built once and stays open, so a round measures steps, not set-up.
         feeds = {
-            "memory": lambda: tf.data.Dataset.from_tensors(batch).repeat(),
-            "pipeline": lambda: data.make_tf_dataset(x, y, batch_size, shuffle=True).repeat(),
-            "disk_cache": lambda: data.make_tf_dataset(xd, yd, batch_size, shuffle=True).repeat(),
+            "memory": iter(tf.data.Dataset.from_tensors(batch).repeat()),
+            "pipeline": iter(data.make_tf_dataset(x, y, batch_size, shuffle=True).repeat()),
+            "disk_cache": iter(data.make_tf_dataset(xd, yd, batch_size, shuffle=True).repeat()),
         }
-        model.fit(feeds["memory"](), steps_per_epoch=5, epochs=1, verbose=0)  # build and trace once
-        warmup = 5  # steps left out of the timing while the pipeline's buffers fill
-        clock = {}
-        timer = keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda b, logs: clock.setdefault("start", time.perf_counter()) if b == warmup - 1 else None
-        )
-        best = dict.fromkeys(feeds, 0.0)
-        for _ in range(rounds):
-            for name, feed in feeds.items():
-                clock.clear()
-                model.fit(feed(), steps_per_epoch=warmup + steps, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
-                best[name] = max(best[name], batch_size * steps / (time.perf_counter() - clock["start"]))
+        model.fit(tf.data.Dataset.from_tensors(batch).repeat(), steps_per_epoch=2, epochs=1, verbose=0)  # builds all
+        step = model.train_function  # what fit() calls for each step, without its callbacks
+        for feed in feeds.values():  # trace once and fill every pipeline's buffers
+            for _ in range(5):
+                step(feed)
+        speeds = {name: [] for name in feeds}
+        names = list(feeds)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    logs = step(feeds[name])
+                float(logs["loss"])  # wait for the last step to finish
+                speeds[name].append(batch_size * steps / (time.perf_counter() - start))
+    ratios = {name: np.array(speeds[name]) / np.array(speeds["memory"]) for name in ("pipeline", "disk_cache")}
     return {
         "image_size": image_size,
         "train_images": len(x),
+        "rounds": rounds,
+        "steps_per_round": steps,
         "decode_seconds": round(decode_seconds, 1),
         "decode_images_per_second": round(len(x) / decode_seconds, 1),
         "cache_mb": round(x.nbytes / 2**20, 1),
-        **{f"{name}_images_per_second": round(v, 1) for name, v in best.items()},
-        "pipeline_over_memory": round(best["pipeline"] / best["memory"], 3),
-        "disk_cache_over_memory": round(best["disk_cache"] / best["memory"], 3),
+        **{f"{name}_images_per_second": round(float(np.median(v)), 1) for name, v in speeds.items()},
+        **{f"{name}_over_memory": round(float(np.median(v)), 3) for name, v in ratios.items()},
+        **{
+            f"{name}_over_memory_quartiles": [round(float(q), 3) for q in np.percentile(v, [25, 75])]
+            for name, v in ratios.items()
+        },
     }
 
 
@@ -215,7 +231,7 @@ def main() -> None:
     if args.run == "feeds":
         print(
             json.dumps(
-                run_feeds(args.dataset, args.image_size, steps=8, rounds=1)
+                run_feeds(args.dataset, args.image_size, steps=4, rounds=2)
                 if args.quick
                 else run_feeds(args.dataset, args.image_size)
             )
@@ -301,11 +317,18 @@ def main() -> None:
     ratio = "  ".join(f"{k}: {v:g}" for k, v in report["ratios_simple_cnn_over_tutorial"].items())
     print(f"simple_cnn / tutorial: {ratio}")
     print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {args.minutes:g} min per recipe on {args.dataset}")
+
+    def quartiles(name: str) -> str:
+        return "-".join(f"{q:.0%}" for q in feeds[f"{name}_over_memory_quartiles"])
+
     print(
         f"input pipeline at {feeds['image_size']}px, training images/s: from one in-memory batch "
         f"{feeds['memory_images_per_second']:.0f}, our pipeline {feeds['pipeline_images_per_second']:.0f} "
-        f"({feeds['pipeline_over_memory']:.0%}), with --cache_dir {feeds['disk_cache_images_per_second']:.0f} "
-        f"({feeds['disk_cache_over_memory']:.0%}); decoding the JPEGs once: {feeds['decode_images_per_second']:.0f} images/s, "
+        f"({feeds['pipeline_over_memory']:.0%}, quartiles {quartiles('pipeline')}), "
+        f"with --cache_dir {feeds['disk_cache_images_per_second']:.0f} "
+        f"({feeds['disk_cache_over_memory']:.0%}, quartiles {quartiles('disk_cache')}); medians of "
+        f"{feeds['rounds']} rounds of {feeds['steps_per_round']} steps; "
+        f"decoding the JPEGs once: {feeds['decode_images_per_second']:.0f} images/s, "
         f"cache {feeds['cache_mb']:.0f} MB"
     )
     args.output.write_text(json.dumps(report, indent=2) + "\n")

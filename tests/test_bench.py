@@ -38,5 +38,7 @@ def test_train_bench_compares_both_recipes_and_the_input_pipeline(tmp_path):
     feeds = report["input_pipeline"]
     assert feeds["train_images"] == report["results"]["simple_cnn"]["train_images"]
     assert feeds["memory_images_per_second"] > 0 and feeds["pipeline_over_memory"] > 0
+    low, high = feeds["pipeline_over_memory_quartiles"]
+    assert 0 < low <= feeds["pipeline_over_memory"] <= high and feeds["rounds"] == 2  # the median, inside its spread
     table = result.stdout
     assert "simple_cnn" in table and "tutorial" in table and "input pipeline" in table
