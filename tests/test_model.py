@@ -104,7 +104,21 @@ def test_model_takes_raw_pixels_and_augments_only_in_training(small_model):
     b = np.asarray(small_model(x, training=False))
     np.testing.assert_allclose(a, b)
     np.testing.assert_allclose(a.sum(axis=1), 1, atol=1e-5)
-    assert small_model.layers[1].name == "rescale"
+    assert [layer.name for layer in small_model.layers[1:3]] == ["mirror", "rescale"]
+
+
+def test_prediction_is_the_mean_over_the_image_and_its_mirror(small_model):
+    """Test-time flip averaging: an image and its mirror image get the same answer, the
+    mean of what the network without the averaging says for each."""
+    import keras
+
+    x = np.random.default_rng(3).integers(0, 256, size=(4, 32, 32, 3)).astype(np.float32)
+    mirrored = x[:, :, ::-1]
+    np.testing.assert_allclose(small_model(x, training=False), small_model(mirrored, training=False), atol=1e-6)
+    single = keras.Model(small_model.get_layer("rescale").input, small_model.get_layer("probabilities").output)
+    expected = (np.asarray(single(x, training=False)) + np.asarray(single(mirrored, training=False))) / 2
+    np.testing.assert_allclose(small_model(x, training=False), expected, atol=1e-6)
+    assert not np.allclose(single(x, training=False), single(mirrored, training=False))  # the network alone is not symmetric
 
 
 def test_time_budget_stops_before_an_epoch_would_overrun():

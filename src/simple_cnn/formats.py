@@ -38,6 +38,7 @@ from pathlib import Path
 from .data import MAX_PIXELS, open_regular_file
 from .errors import DataError, UsageError
 from .files import atomic_dir, atomic_output
+from .model import mirror_layers
 from .quiet import c_noise_hidden, import_keras, import_tensorflow
 
 MODEL_SUFFIXES = (".keras", ".h5")
@@ -151,6 +152,7 @@ def load_model(path):
     """
     metadata = read_metadata(path)
     keras = import_keras()
+    mirror_layers()  # registers the network's own layers with Keras
 
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
