@@ -239,7 +239,8 @@ STUCK = """
 import sys, threading, time
 import simple_cnn.data as data
 def stuck(path, size):  # a read that never returns (a hung network file system, a device)
-    print("stuck", flush=True)
+    sys.stdout.write("stuck\\n")  # one write: print() writes the newline apart, and two decoding threads interleaved
+    sys.stdout.flush()
     threading.Event().wait()
 data.read_image = stuck
 from simple_cnn.cli import main
