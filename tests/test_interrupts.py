@@ -86,6 +86,62 @@ def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code, f
     assert not (work / "models" / ".cnn_model.keras.training").exists()
 
 
+@pytest.fixture
+def cli_signal_handlers():
+    """The CLI's SIGINT and SIGTERM handlers in this process, Python's restored afterwards."""
+    from simple_cnn import interrupts
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    yield interrupts
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signal_while_tensorflow_works_is_raised_at_the_next_step(cli_signal_handlers):
+    """Inside ``deferred()`` a signal lands mid-step and is raised at the start of the next step.
+
+    Raised where it lands, it once unwound through TensorFlow's own Python code at the
+    start of an epoch, and glibc aborted the process ("free(): invalid next size").
+    """
+    from simple_cnn.model import build_model
+
+    interrupts = cli_signal_handlers
+    keras = pytest.importorskip("keras")
+    seen = []
+
+    class SignalDuringStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(batch)
+            if batch == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                seen.append("went on")  # the handler ran (Python runs it at once) and raised nothing
+
+    model = build_model(3, 16)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x, y = np.zeros((40, 16, 16, 3), np.float32), np.arange(40) % 3
+    with pytest.raises(KeyboardInterrupt) as raised, interrupts.deferred():
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[interrupts.safe_points(), SignalDuringStep()])
+    assert raised.value.args == (signal.SIGTERM,)
+    assert seen == [0, 1, 2, "went on"]  # step 3 never began
+
+
+def test_a_second_signal_is_raised_at_once_and_a_finishing_block_ends_normally(cli_signal_handlers):
+    interrupts = cli_signal_handlers
+    with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        reached = "after the first"
+        os.kill(os.getpid(), signal.SIGINT)
+        reached = "after the second"
+    assert reached == "after the first"
+    with interrupts.deferred(finishing=True):  # the last files: a signal is satisfied by their end
+        os.kill(os.getpid(), signal.SIGTERM)
+    interrupts.check()  # nothing left pending
+    with pytest.raises(KeyboardInterrupt):  # outside deferred(): raised where it lands, as Python does
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+
 def test_second_training_run_on_the_same_model_is_refused(small_dataset):
     """While one run trains into models/cnn_model.keras (it holds the lock), another is refused."""
     work = small_dataset

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
+from . import data, interrupts
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError
 from .files import atomic_output, ensure_writable_dir
@@ -139,21 +139,24 @@ class Predictor:
                     f"{model_path} has no LiteRT copy beside it ({tflite_path(model_path).name}), and without TensorFlow "
                     "(the slim image) only that can run: make it with --mode export --format tflite in the full image"
                 )
-            self._model, _ = load_model(model_path)
+            with interrupts.deferred():
+                self._model, _ = load_model(model_path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.runtime == "litert":
-            return self._litert(x)
-        if len(x) == 1:  # one image: a direct call is much faster than predict()
-            return np.asarray(self._model(x.astype(np.float32), training=False))
-        ds = data.make_tf_dataset(x, np.zeros(len(x), np.int32), batch_size=64)
-        return self._model.predict(ds, verbose=0)
+        with interrupts.deferred():  # a signal waits for a safe point (interrupts.py)
+            if self.runtime == "litert":
+                return self._litert(x)
+            if len(x) == 1:  # one image: a direct call is much faster than predict()
+                return np.asarray(self._model(x.astype(np.float32), training=False))
+            ds = data.make_tf_dataset(x, np.zeros(len(x), np.int32), batch_size=64)
+            return self._model.predict(ds, verbose=0, callbacks=[interrupts.safe_points()])
 
     def explain(self, x: np.ndarray, probabilities: np.ndarray, paths: list[Path], images_dir: Path) -> list[str]:
         """Write the Grad-CAM overlay of each image's most likely class; their paths."""
         from . import explain
 
-        heat = explain.heat_maps(self._model, x, probabilities.argmax(axis=1))
+        with interrupts.deferred():
+            heat = explain.heat_maps(self._model, x, probabilities.argmax(axis=1))
         ensure_writable_dir(Path(images_dir), "images")
         written, used = [], set()
         for image, h, path in zip(x, heat, paths):

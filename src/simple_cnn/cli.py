@@ -16,6 +16,7 @@ import traceback
 import types
 from pathlib import Path
 
+from . import interrupts
 from .config import (
     DEFAULT_DATASET,
     DEFAULT_IMAGES_DIR,
@@ -245,18 +246,11 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 FULL_IMAGE_ONLY = {"tensorflow", "keras", "sklearn", "matplotlib", "scipy", "h5py", "tf2onnx"}
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)
-
-
 def main(argv=None) -> int:
-    # Ctrl-C, `docker stop` and `kill` (SIGINT, SIGTERM): stop as cleanly as on Ctrl-C
-    # (temporary files removed, the training state of the last completed epoch kept for
-    # resuming). SIGINT is set here too, not left to Python: a process started in the
-    # background by a non-interactive shell inherits SIGINT as "ignored", and Python
-    # then installs no KeyboardInterrupt handler of its own.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    # Ctrl-C, `docker stop` and `kill` (SIGINT, SIGTERM) stop the run at a safe point
+    # (interrupts.py): temporary files removed, the training state of the last completed
+    # epoch kept for resuming.
+    interrupts.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verbose:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, explain, metrics, plots, report
+from . import data, explain, interrupts, metrics, plots, report
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, TrainConfig
 from .errors import DataError
 from .files import atomic_output, ensure_writable_dir, write_json
@@ -57,8 +57,9 @@ def evaluate(
             f"the test split of {dataset.root} holds no readable images: add images or retrain with a larger --test_split"
         )
 
-    model, _ = load_model(model_path)
-    probabilities = model.predict(data.make_tf_dataset(x, y, batch_size), verbose=0)
+    with interrupts.deferred():  # TensorFlow works: a signal waits for a safe point
+        model, _ = load_model(model_path)
+        probabilities = model.predict(data.make_tf_dataset(x, y, batch_size), verbose=0, callbacks=[interrupts.safe_points()])
     result = score(probabilities, y, metadata, min_confidence, str(model_path), dataset)
     predicted = probabilities.argmax(axis=1)
     worst = metrics.worst_mistakes(probabilities, y)
@@ -88,7 +89,8 @@ def evaluate(
         images_dir / "metrics.json",
     ]
     write_json(images_dir / "metrics.json", result.as_dict())
-    written.append(write_test_report(images_dir, metadata, result, model, x, y, probabilities, files, worst))
+    with interrupts.deferred(finishing=True):  # Grad-CAM runs TensorFlow; the page is the last file
+        written.append(write_test_report(images_dir, metadata, result, model, x, y, probabilities, files, worst))
     result.images_written = [str(p) for p in written if p is not None]
     return result
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, distribute, metrics, plots, report
+from . import __version__, data, distribute, interrupts, metrics, plots, report
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
 from .errors import DataError
 from .files import ensure_writable_dir
@@ -75,18 +75,21 @@ def train(
         for line in cluster.describe():
             log.info(line)
         splits = load_splits(dataset, image_size, cluster, cache_dir)
-        model = build_and_compile(len(dataset.class_names), image_size, config, cluster)
-        run.start(run_identity(dataset, config, image_size), fresh, follow_chief=not cluster.is_chief)
-        fit_seconds, steps_per_epoch = fit(model, splits, dataset.counts(), config, cluster, run)
-        history = run.history()
-        if not cluster.is_chief:  # the chief writes the model, plots and metrics
+        with interrupts.deferred():  # from here TensorFlow works: a signal waits for a safe point
+            model = build_and_compile(len(dataset.class_names), image_size, config, cluster)
+            run.start(run_identity(dataset, config, image_size), fresh, follow_chief=not cluster.is_chief)
+            fit_seconds, steps_per_epoch = fit(model, splits, dataset.counts(), config, cluster, run)
+            history = run.history()
+            if not cluster.is_chief:  # the chief writes the model, plots and metrics
+                run.finish()
+                return worker_result(cluster, splits, history, fit_seconds, steps_per_epoch, time.monotonic() - started)
+            result = summarize(dataset, splits, image_size, config, cluster, history, model_path, fit_seconds, steps_per_epoch)
+            if config.calibrate:
+                interrupts.check()
+                result.calibration = calibrate(model, splits.x_val, splits.y_val)
+        with interrupts.deferred(finishing=True):  # a signal now lets the last files be written
+            save_outputs(model, result, config, history, dataset, splits, images_dir)
             run.finish()
-            return worker_result(cluster, splits, history, fit_seconds, steps_per_epoch, time.monotonic() - started)
-        result = summarize(dataset, splits, image_size, config, cluster, history, model_path, fit_seconds, steps_per_epoch)
-        if config.calibrate:
-            result.calibration = calibrate(model, splits.x_val, splits.y_val)
-        save_outputs(model, result, config, history, dataset, splits, images_dir)
-        run.finish()
     result.wall_seconds = round(time.monotonic() - started, 1)
     return result
 
@@ -256,7 +259,7 @@ def fit(
             validation_data=cluster.prepare_dataset(val_ds),
             epochs=config.epochs,
             shuffle=False,  # the tf.data pipeline shuffles
-            callbacks=run.callbacks(training_callbacks),
+            callbacks=[interrupts.safe_points(), *run.callbacks(training_callbacks)],
             class_weight=weights,
             verbose=1 if sys.stderr.isatty() else 2,
             **steps,
