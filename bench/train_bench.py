@@ -2,8 +2,10 @@
 
 Both train on the same stable split of the same dataset for the same wall-clock budget,
 each in a fresh process (so peak memory is its own), then are tested on the test split.
+Without --minutes, ours is the plain default (its own budget, config.AUTO_MINUTES) and
+the tutorial gets that budget; with it, ours runs with --max_minutes N.
 
-    python bench/train_bench.py --dataset PATH --minutes N [--output bench/results/train.json]
+    python bench/train_bench.py --dataset PATH [--minutes N] [--output bench/results/train.json]
 
 --dataset is any folder of class folders (bench/README.md used flowers-dev). Prints a table (test
 accuracy, training images/s, seconds per epoch, peak RSS, forward FLOPs per image, the
@@ -29,6 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from classify_bench import cold_start, throughput  # noqa: E402
+
+from simple_cnn.config import AUTO_MINUTES  # noqa: E402
 
 
 def tutorial_cnn(num_classes: int, image_size: int):
@@ -87,13 +91,13 @@ def matmul_gflops() -> float:
     return 2 * 4096**3 / best / 1e9
 
 
-def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict:
-    """Train one recipe for ``minutes`` and test it (runs in its own process)."""
+def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path) -> dict:
+    """Train one recipe for ``minutes`` (None: ours as the default) and test it (runs in its own process)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from simple_cnn import data
     from simple_cnn.formats import save_model
     from simple_cnn.quiet import import_keras
-    from simple_cnn.train import TrainConfig, time_budget, train
+    from simple_cnn.train import Plan, TrainConfig, time_budget, train
 
     keras = import_keras()
     ds = data.scan_dataset(dataset)
@@ -122,7 +126,7 @@ def run_one(recipe: str, dataset: Path, minutes: float, model_out: Path) -> dict
             validation_data=data.make_tf_dataset(xv, yv, 32),
             epochs=1000,
             verbose=0,
-            callbacks=[time_budget(model, minutes)],
+            callbacks=[time_budget(Plan(None, (minutes or AUTO_MINUTES) * 60))],
         )
         train_seconds, epochs, n_train = time.monotonic() - t, len(history.history["loss"]), len(x)
         train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -217,7 +221,7 @@ def run_feeds(dataset: Path, image_size: int, batch_size: int = 32, steps: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, help="a folder of class folders")
-    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per recipe")
+    parser.add_argument("--minutes", type=float, help="training budget per recipe (default: ours as the default, see above)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train.json")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run (the tests'): 1 cold start, 1 short feed round; figures not meaningful"
@@ -254,7 +258,8 @@ def main() -> None:
     rows = {}
     for recipe in ("simple_cnn", "tutorial"):
         model_out = work / f"{recipe}.keras"
-        rows[recipe] = child("--run", recipe, "--minutes", str(args.minutes), "--model_out", str(model_out))
+        budget = ("--minutes", str(args.minutes)) if args.minutes else ()
+        rows[recipe] = child("--run", recipe, *budget, "--model_out", str(model_out))
         # Classifying with each trained model through our CLI: ours has its LiteRT copy;
         # the tutorial's model has none, so it runs on Keras, as the tutorial does.
         one_image = next(p for p in sorted(args.dataset.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -284,7 +289,8 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "dataset": str(args.dataset),
-        "minutes_per_recipe": args.minutes,
+        "minutes_per_recipe": args.minutes or AUTO_MINUTES,
+        "ours_as_default": args.minutes is None,
         "matmul_ceiling_gflops": round(ceiling, 1),
         "results": rows,
         "ratios_simple_cnn_over_tutorial": {
@@ -316,7 +322,8 @@ def main() -> None:
         print(f"{name:11}" + "".join(f"{row[key]:>13{fmt}}" for key, _, fmt in cols))
     ratio = "  ".join(f"{k}: {v:g}" for k, v in report["ratios_simple_cnn_over_tutorial"].items())
     print(f"simple_cnn / tutorial: {ratio}")
-    print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {args.minutes:g} min per recipe on {args.dataset}")
+    budget = "ours as the default" if args.minutes is None else "ours with --max_minutes"
+    print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {args.minutes or AUTO_MINUTES:g} min per recipe ({budget}) on {args.dataset}")
 
     def quartiles(name: str) -> str:
         return "-".join(f"{q:.0%}" for q in feeds[f"{name}_over_memory_quartiles"])

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from simple_cnn.config import AUTO_EPOCHS
+from simple_cnn.formats import read_metadata
+
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- tests/test_docker.py runs these commands verbatim -->"
 SLIM_MARKER = "<!-- tests/test_docker.py runs these slim-image commands verbatim, after the ones above -->"
@@ -80,6 +83,8 @@ def test_readme_docker_commands_train_test_and_classify(docker_ready, workdir):
     metrics = json.loads((tmp_path / "images" / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.9 and metrics["test_images"] > 200  # the built-in digits
     assert "Best epoch" in outputs["train"]
+    # No --epochs in the README's command: the digits' short epochs fill no budget, so the most.
+    assert read_metadata(tmp_path / "models" / "cnn_model.keras")["training"]["config"]["epochs"] == AUTO_EPOCHS[1]
     assert outputs["classify"].split(": ")[1].startswith("7 "), outputs["classify"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zipfile
 
 import numpy as np
@@ -121,29 +122,86 @@ def test_prediction_is_the_mean_over_the_image_and_its_mirror(small_model):
     assert not np.allclose(single(x, training=False), single(mirrored, training=False))  # the network alone is not symmetric
 
 
+@functools.cache
+def _one_weight_model():
+    """Built and compiled once: each fit after the first skips tracing its training step."""
+    from simple_cnn.quiet import import_keras
+
+    keras = import_keras()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def _fit_timed(callbacks, epochs: int, seconds_per_epoch: float, steps: int = 2) -> int:
+    """Fit a one-weight model whose epochs take about ``seconds_per_epoch``; the epochs run."""
+    import time
+
+    from simple_cnn.quiet import import_keras
+
+    keras = import_keras()
+    model = _one_weight_model()
+    slow = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: time.sleep(seconds_per_epoch / steps))
+    x = np.zeros((4 * steps, 2), "float32")
+    history = model.fit(x, x[:, :1], batch_size=4, epochs=epochs, verbose=0, callbacks=[*callbacks, slow])
+    return len(history.history["loss"])
+
+
 def test_time_budget_stops_before_an_epoch_would_overrun():
     import time
 
-    from simple_cnn.train import time_budget
+    from simple_cnn.train import Plan, time_budget
 
     class FakeModel:
         stop_training = False
 
-    tight, loose = FakeModel(), FakeModel()
-    callbacks = [time_budget(tight, minutes=0.004), time_budget(loose, minutes=10)]  # 0.24 s and 10 min
-    for epoch in range(2):
-        for cb in callbacks:
-            cb.on_epoch_begin(epoch)
-        time.sleep(0.1)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch)
-    # After 2 epochs of 0.1 s, a third would end past 0.24 s: stop. Ten minutes: go on.
-    assert tight.stop_training and not loose.stop_training
+    def epochs_run(seconds: float) -> int:
+        budget, model = time_budget(Plan(None, seconds)), FakeModel()
+        budget.set_model(model)
+        budget.on_train_begin()
+        for epoch in range(10):
+            budget.on_epoch_begin(epoch)
+            time.sleep(0.3 if epoch == 0 else 0.1)  # the first epoch also builds the graphs
+            budget.on_epoch_end(epoch)
+            if model.stop_training:
+                return epoch + 1
+        return 10
+
+    # A fifth epoch would end past 0.65 s (the slow first one is not taken for a typical
+    # one once there are others); with ten minutes all ten run.
+    assert 2 <= epochs_run(0.65) <= 4 and epochs_run(600) == 10
+
+
+class _NoRunState:
+    def remember_epochs(self, epochs):
+        self.remembered = epochs
+
+
+def test_without_epochs_training_fills_its_budget_within_the_bounds():
+    """The epochs are chosen after the second from its speed: as many as fit in the budget, 10 to 30."""
+    from simple_cnn.config import AUTO_EPOCHS
+    from simple_cnn.train import Plan, auto_epochs, time_budget
+
+    low, high = AUTO_EPOCHS
+    roomy, run = Plan(None, 60.0), _NoRunState()  # 600 epochs of 0.1 s would fit: the most, 30
+    assert _fit_timed([auto_epochs(roomy, run)], epochs=high, seconds_per_epoch=0.1) == high
+    assert roomy.epochs == run.remembered == high
+
+    between = Plan(None, 2.5, soft=True)  # about 15 epochs of 0.1 s fit after the first two (fewer on a busy machine)
+    ran = _fit_timed([auto_epochs(between, _NoRunState()), time_budget(between)], high, 0.1)
+    assert low <= between.epochs < high and ran <= between.epochs
+
+    tight = Plan(None, 0.5, soft=True)  # only a few fit: the default budget gives way to the fewest epochs
+    assert _fit_timed([auto_epochs(tight, _NoRunState()), time_budget(tight)], high, 0.1) == low
+    assert tight.epochs == low and tight.seconds is None
+
+    hard = Plan(None, 0.5)  # an explicit --max_minutes does not give way
+    assert _fit_timed([auto_epochs(hard, _NoRunState()), time_budget(hard)], high, 0.1) < low
 
 
 def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
     from simple_cnn.quiet import import_keras
-    from simple_cnn.train import learning_rate_schedule
+    from simple_cnn.train import Plan, learning_rate_schedule
 
     keras = import_keras()
 
@@ -155,7 +213,7 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
             on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate))
         )
         x = np.zeros((40, 2), "float32")
-        schedule = learning_rate_schedule(1.0, epochs=4, warmup=0.25, minutes=minutes)
+        schedule = learning_rate_schedule(1.0, Plan(4, minutes and minutes * 60), warmup=0.25)
         model.fit(x, x[:, :1], batch_size=4, epochs=4, verbose=0, callbacks=[schedule, record])  # 10 steps an epoch
         return np.array(seen)
 

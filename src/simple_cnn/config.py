@@ -17,6 +17,11 @@ DEFAULT_DATASET = "datasets/digits"  # written from scikit-learn's digits on fir
 DEFAULT_MODEL = "models/cnn_model.keras"
 DEFAULT_IMAGES_DIR = "images"
 DISTRIBUTE_KINDS = ("none", "auto", "mirrored", "multiworker")
+# Without --epochs, training fills a time budget: the epoch count is chosen from the
+# measured speed of the second epoch (README, "How long training runs").
+AUTO_MINUTES = 8.0  # the budget: on flower_photos (3,670 photos, 2 cores) the whole run stays under 10 minutes
+AUTO_EPOCHS = (10, 25)  # the fewest and the most epochs it chooses (25: the Quickstart on digits stays near a minute)
+AUTO_EPOCHS_ON_CLUSTERS = 20  # several workers cannot follow one worker's clock
 
 
 class SettingError(UsageError):
@@ -50,7 +55,11 @@ def fraction(name: str, value: float, *, zero_ok: bool = False) -> None:
 class TrainConfig:
     """Every training hyperparameter. ``TrainConfig()`` is the default recipe."""
 
-    epochs: int = setting(20, "epochs to train; the learning rate decays to zero over them (early stopping may end sooner)")
+    epochs: int | None = setting(
+        None,
+        f"epochs to train; the learning rate decays to zero over them, early stopping may end sooner (default: as many "
+        f"as fit in the time budget, {AUTO_EPOCHS[0]} to {AUTO_EPOCHS[1]}, chosen from the second epoch's speed)",
+    )
     batch_size: int = setting(32, "images per training step (and per prediction batch in test mode)")
     image_size: int | None = setting(
         None, "training image side in pixels (default: the median short side of the images, in 32-96)"
@@ -70,7 +79,11 @@ class TrainConfig:
     # also chose the epoch) lowered its calibration error but raised the test split's in 3
     # runs of 3 (README, "Calibrated probabilities").
     calibrate: bool = setting(False, "fit a temperature on the validation split and bake it into the network")
-    max_minutes: float | None = setting(None, "time budget for training: stop after the epoch that would overrun it")
+    max_minutes: float | None = setting(
+        None,
+        f"time budget for training: stop before an epoch would overrun it (default: {AUTO_MINUTES:g} minutes when "
+        f"--epochs is not given, exceeded only to train the fewest epochs, {AUTO_EPOCHS[0]}; none when it is)",
+    )
     tensorboard_dir: str | None = setting(
         None, "write TensorBoard logs here (loss, accuracy and learning rate per epoch): tensorboard --logdir DIR"
     )
@@ -84,7 +97,8 @@ class TrainConfig:
     mixed_precision: bool = setting(False, "float16 compute on GPUs (no effect on CPUs)")
 
     def __post_init__(self):
-        at_least("epochs", self.epochs, 1)
+        if self.epochs is not None:
+            at_least("epochs", self.epochs, 1)
         at_least("batch_size", self.batch_size, 1)
         at_least("patience", self.patience, 1)
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
@@ -99,6 +113,11 @@ class TrainConfig:
             raise SettingError(("class_weight",), f"must be none or auto, not {self.class_weight}")
         if self.distribute not in DISTRIBUTE_KINDS:
             raise SettingError(("distribute",), f"must be one of {', '.join(DISTRIBUTE_KINDS)}, not {self.distribute}")
+
+    @property
+    def budget_minutes(self) -> float | None:
+        """The training time budget: --max_minutes, else AUTO_MINUTES when the epochs are not given."""
+        return self.max_minutes or (AUTO_MINUTES if self.epochs is None else None)
 
 
 def check_splits(val_split: float, test_split: float) -> None:

@@ -7,6 +7,7 @@ beside the model (``models/.cnn_model.keras.training/``):
 - ``run.json``: what must match for a later run to resume (dataset, classes, settings);
 - ``history.csv``: Keras' ``CSVLogger``, one row per epoch, across resumes;
 - ``best.weights.h5``: the best epoch's weights so far (``ModelCheckpoint``);
+- ``plan.json``: the number of epochs chosen, when ``--epochs`` was not given;
 - ``backup/``: Keras' ``BackupAndRestore``, the last completed epoch's full state.
 
 The same command resumes after the last completed epoch; ``fresh=True`` or other settings
@@ -70,6 +71,7 @@ class RunState:
 
     HISTORY = "history.csv"
     BEST_WEIGHTS = "best.weights.h5"
+    PLAN = "plan.json"
 
     def __init__(self, model_path: Path, suffix: str = ""):
         self.model_path, self.suffix = model_path, suffix
@@ -112,6 +114,16 @@ class RunState:
             chief_backup = training_dir(self.model_path) / "backup"
             if chief_backup.is_dir():
                 shutil.copytree(chief_backup, self.folder / "backup")
+
+    def planned_epochs(self) -> int | None:
+        """The epochs this run chose before it was interrupted (``remember_epochs``), if any."""
+        try:
+            return int(json.loads((self.folder / self.PLAN).read_text())["epochs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def remember_epochs(self, epochs: int) -> None:
+        write_json(self.folder / self.PLAN, {"epochs": epochs})
 
     def history(self) -> dict[str, list[float]]:
         """Every epoch's metrics so far, including those before a resume."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, data, distribute, interrupts, metrics, plots, report
-from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
+from .config import AUTO_EPOCHS, AUTO_EPOCHS_ON_CLUSTERS, DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
 from .errors import DataError
 from .files import ensure_writable_dir
 from .formats import LITERT_SHA256, check_model_path, save_model, write_tflite
@@ -31,7 +31,7 @@ from .runstate import RunState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "learning_rate_schedule", "time_budget"]
+__all__ = ["Plan", "TrainConfig", "train", "learning_rate_schedule", "time_budget"]
 
 
 @dataclass
@@ -78,12 +78,13 @@ def train(
         with interrupts.deferred():  # from here TensorFlow works: a signal waits for a safe point
             model = build_and_compile(len(dataset.class_names), image_size, config, cluster)
             run.start(run_identity(dataset, config, image_size), fresh, follow_chief=not cluster.is_chief)
-            fit_seconds, steps_per_epoch = fit(model, splits, dataset.counts(), config, cluster, run)
+            fit_seconds, steps_per_epoch, epochs = fit(model, splits, dataset.counts(), config, cluster, run)
             history = run.history()
             if not cluster.is_chief:  # the chief writes the model, plots and metrics
                 run.finish()
                 return worker_result(cluster, splits, history, fit_seconds, steps_per_epoch, time.monotonic() - started)
             result = summarize(dataset, splits, image_size, config, cluster, history, model_path, fit_seconds, steps_per_epoch)
+            result.config["epochs"] = epochs  # as chosen, when --epochs was not given
             if config.calibrate:
                 interrupts.check()
                 result.calibration = calibrate(model, splits.x_val, splits.y_val)
@@ -223,24 +224,27 @@ def run_identity(dataset: data.Dataset, config: TrainConfig, image_size: int) ->
 def fit(
     model, splits: Splits, counts: dict, config: TrainConfig, cluster: distribute.Cluster, run: RunState
 ) -> tuple[float, int | None]:
-    """Train with the schedule, early stopping and the run's state: ``(seconds, steps per epoch)``.
+    """Train with the schedule, early stopping and the run's state: ``(seconds, steps per epoch, epochs planned)``.
 
     Afterwards ``model`` holds the best epoch's weights.
     """
     keras = import_keras()
     global_batch, learning_rate = cluster.scale(config.batch_size, config.learning_rate)
     weights = class_weights(splits.y_train, model.output_shape[-1]) if config.class_weight == "auto" else None
+    plan = plan_training(config, cluster, run)
     training_callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
-        learning_rate_schedule(learning_rate, config.epochs, config.warmup, config.max_minutes),
+        learning_rate_schedule(learning_rate, plan, config.warmup),
     ]
-    if config.max_minutes:
-        training_callbacks.insert(0, time_budget(model, config.max_minutes))
+    if plan.epochs is None:
+        training_callbacks.insert(0, auto_epochs(plan, run))
+    if plan.seconds:
+        training_callbacks.insert(0, time_budget(plan))
     if config.tensorboard_dir and cluster.is_chief:
         training_callbacks.append(tensorboard_log(Path(config.tensorboard_dir)))
     log.info(
         f"Training at {splits.x_train.shape[1]}x{splits.x_train.shape[2]} pixels, batch size {config.batch_size}, "
-        f"{config.epochs} epochs, learning rate warming up to {learning_rate:g} then decaying to zero "
+        f"{plan.describe()}, learning rate warming up to {learning_rate:g} then decaying to zero "
         f"(early stopping after {config.patience} epochs without improvement)"
     )
     train_ds = data.make_tf_dataset(
@@ -257,7 +261,7 @@ def fit(
         model.fit(
             cluster.prepare_dataset(train_ds),
             validation_data=cluster.prepare_dataset(val_ds),
-            epochs=config.epochs,
+            epochs=plan.horizon,
             shuffle=False,  # the tf.data pipeline shuffles
             callbacks=[interrupts.safe_points(), *run.callbacks(training_callbacks)],
             class_weight=weights,
@@ -265,7 +269,7 @@ def fit(
             **steps,
         )
     run.restore_best(model)
-    return time.monotonic() - started, steps.get("steps_per_epoch")
+    return time.monotonic() - started, steps.get("steps_per_epoch"), plan.epochs
 
 
 def worker_result(cluster, splits: Splits, history: dict, fit_seconds: float, steps_per_epoch, wall_seconds: float):
@@ -369,23 +373,103 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
     result.images_written = [str(curves), str(examples), str(page)]
 
 
-def time_budget(model, minutes: float):
-    """A Keras callback that ends training before an epoch would overrun ``minutes``:
-    it stops when the time used plus the slowest epoch so far exceeds the budget.
-    (Keras has no time-limit callback, so it is a LambdaCallback.)"""
+@dataclass
+class Plan:
+    """How long training runs; the learning-rate schedule and the budget callbacks read it.
+
+    ``epochs`` is None until it is chosen (without --epochs: by :func:`auto_epochs`, after
+    the second epoch); ``seconds`` is the time budget, or None; ``soft``: the budget is the
+    default one, which gives way to the fewest epochs (see :func:`auto_epochs`).
+    """
+
+    epochs: int | None
+    seconds: float | None = None
+    soft: bool = False
+
+    @property
+    def horizon(self) -> int:
+        """The epochs the learning rate decays over: until they are chosen, the most there can be."""
+        return self.epochs or AUTO_EPOCHS[1]
+
+    def describe(self) -> str:
+        budget = f"{self.seconds / 60:g} minutes" if self.seconds else None
+        if self.epochs is None:
+            return f"epochs chosen after the second to fill {budget} ({AUTO_EPOCHS[0]} to {AUTO_EPOCHS[1]})"
+        return f"{self.epochs} epochs" + (f" or {budget}, whichever ends first" if budget else "")
+
+
+def plan_training(config: TrainConfig, cluster: distribute.Cluster, run: RunState) -> Plan:
+    """The plan of a run: --epochs, the epochs an interrupted run chose, or to be chosen."""
+    minutes = config.budget_minutes
+    seconds = minutes * 60 if minutes else None
+    if config.epochs is not None:
+        return Plan(config.epochs, seconds)
+    if cluster.workers > 1:  # every worker must stop after the same epoch
+        log.info(f"Several workers: {AUTO_EPOCHS_ON_CLUSTERS} epochs, not chosen by the clock (--epochs sets them)")
+        return Plan(AUTO_EPOCHS_ON_CLUSTERS, config.max_minutes * 60 if config.max_minutes else None)
+    return Plan(run.planned_epochs(), seconds, soft=config.max_minutes is None)
+
+
+def auto_epochs(plan: Plan, run: RunState):
+    """A Keras callback that chooses ``plan.epochs`` and stops training after them.
+
+    After the second epoch this process runs (the first also builds the graphs), it
+    chooses as many epochs as fit in the budget at that epoch's speed, within
+    ``AUTO_EPOCHS``. When even the fewest do not fit and the budget is the default
+    (``plan.soft``), the budget gives way: a large dataset trains its fewest epochs
+    rather than stopping half-trained. The choice is kept in the run's state, so that a
+    resumed run keeps it.
+    """
     keras = import_keras()
-    clock = {"start": time.monotonic(), "epoch": 0.0, "slowest": 0.0}
+    low, high = AUTO_EPOCHS
 
-    def begin(epoch, logs=None):
-        clock["epoch"] = time.monotonic()
+    class AutoEpochs(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started, self.timed = time.monotonic(), 0
 
-    def end(epoch, logs=None):
-        now = time.monotonic()
-        clock["slowest"] = max(clock["slowest"], now - clock["epoch"])
-        if now - clock["start"] + clock["slowest"] > minutes * 60:
-            model.stop_training = True
+        def on_epoch_begin(self, epoch, logs=None):
+            self.began = time.monotonic()
 
-    return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
+        def on_epoch_end(self, epoch, logs=None):
+            self.timed += 1
+            if plan.epochs is None and self.timed == 2:
+                now = time.monotonic()
+                seconds, left = now - self.began, plan.seconds - (now - self.started)
+                fitting = epoch + 1 + max(0, int(left // seconds))
+                plan.epochs = min(high, max(low, fitting))
+                if plan.epochs > fitting and plan.soft:
+                    plan.seconds = None
+                run.remember_epochs(plan.epochs)
+                log.info(f"Training for {plan.epochs} epochs: {seconds:.1f} s an epoch ({plan.describe()})")
+            if plan.epochs is not None and epoch + 1 >= plan.epochs:
+                self.model.stop_training = True
+
+    return AutoEpochs()
+
+
+def time_budget(plan: Plan):
+    """A Keras callback that ends training before an epoch would overrun ``plan.seconds``:
+    it stops when the time used plus the slowest epoch so far (not counting the first,
+    which also builds the graphs, once there are others) exceeds the budget. A soft
+    budget waits for the epochs to be chosen. Keras has no time-limit callback."""
+    keras = import_keras()
+
+    class TimeBudget(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started, self.lengths = time.monotonic(), []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.began = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.monotonic()
+            self.lengths.append(now - self.began)
+            slowest = max(self.lengths[1:] or self.lengths)
+            undecided = plan.soft and plan.epochs is None
+            if plan.seconds and not undecided and now - self.started + slowest > plan.seconds:
+                self.model.stop_training = True
+
+    return TimeBudget()
 
 
 def tensorboard_log(log_dir: Path):
@@ -425,13 +509,14 @@ def tensorboard_log(log_dir: Path):
     return TensorBoardScalars()
 
 
-def learning_rate_schedule(peak: float, epochs: int, warmup: float, minutes: float | None = None):
+def learning_rate_schedule(peak: float, plan: Plan, warmup: float):
     """A Keras callback setting the learning rate before every step: a linear warmup to
     ``peak`` over the first ``warmup`` of training, then a cosine decay to zero.
 
-    Not Keras' ``CosineDecay``: it counts steps only, and this callback also follows
-    ``--max_minutes``: progress is the larger of the epochs done and the budget used, so
-    a run cut short by its budget still ends at a small learning rate. (Why a cosine
+    Not Keras' ``CosineDecay``: it counts steps of a fixed total only, and this callback
+    follows the ``plan``: its epochs (chosen during training when --epochs is not given)
+    and its time budget. Progress is the larger of the epochs done and the budget used,
+    so a run cut short by its budget still ends at a small learning rate. (Why a cosine
     schedule: bench/README.md, "How the recipe was chosen".)
     """
     keras = import_keras()
@@ -444,9 +529,9 @@ def learning_rate_schedule(peak: float, epochs: int, warmup: float, minutes: flo
             self.epoch = epoch  # counts from the first epoch of a resumed run, too
 
         def on_train_batch_begin(self, batch, logs=None):
-            progress = (self.epoch + batch / (self.params.get("steps") or 1)) / epochs
-            if minutes:
-                progress = max(progress, (time.monotonic() - self.started) / (minutes * 60))
+            progress = (self.epoch + batch / (self.params.get("steps") or 1)) / plan.horizon
+            if plan.seconds:
+                progress = max(progress, (time.monotonic() - self.started) / plan.seconds)
             progress = min(progress, 1.0)
             if progress < warmup:
                 rate = peak * progress / warmup
