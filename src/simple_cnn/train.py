@@ -252,8 +252,13 @@ def fit(
     )
     val_ds = data.make_tf_dataset(splits.x_val, splits.y_val, global_batch, in_graph=cluster.in_graph)
     steps = cluster.fit_steps(counts["train"], counts["val"], global_batch)
-    if steps:
-        log.info(f"{steps['steps_per_epoch']} steps per epoch, {len(splits.x_train)} training images on this worker")
+    if not steps:
+        # One training iterator for the whole run, not a new one each epoch: with a new one,
+        # TensorFlow ran about half the epochs on one core of two (bench/README.md, "Epochs of
+        # two speeds"). Each epoch is still one pass, reshuffled: the pipeline batches a shuffle.
+        train_ds = train_ds.repeat()
+        steps = {"steps_per_epoch": math.ceil(len(splits.x_train) / global_batch)}
+    log.info(f"{steps['steps_per_epoch']} steps per epoch, {len(splits.x_train)} training images on this worker")
     started = time.monotonic()
     # Keras writes its progress to stdout; we keep stdout for results (and --json), so
     # it goes to stderr: a live progress bar in a terminal, one line per epoch in logs.
