@@ -223,7 +223,7 @@ def run_identity(dataset: data.Dataset, config: TrainConfig, image_size: int) ->
 
 def fit(
     model, splits: Splits, counts: dict, config: TrainConfig, cluster: distribute.Cluster, run: RunState
-) -> tuple[float, int | None]:
+) -> tuple[float, int, int | None]:
     """Train with the schedule, early stopping and the run's state: ``(seconds, steps per epoch, epochs planned)``.
 
     Afterwards ``model`` holds the best epoch's weights.
@@ -274,7 +274,7 @@ def fit(
             **steps,
         )
     run.restore_best(model)
-    return time.monotonic() - started, steps.get("steps_per_epoch"), plan.epochs
+    return time.monotonic() - started, steps["steps_per_epoch"], plan.epochs
 
 
 def worker_result(cluster, splits: Splits, history: dict, fit_seconds: float, steps_per_epoch, wall_seconds: float):
@@ -412,7 +412,9 @@ def plan_training(config: TrainConfig, cluster: distribute.Cluster, run: RunStat
     if cluster.workers > 1:  # every worker must stop after the same epoch
         log.info(f"Several workers: {AUTO_EPOCHS_ON_CLUSTERS} epochs, not chosen by the clock (--epochs sets them)")
         return Plan(AUTO_EPOCHS_ON_CLUSTERS, config.max_minutes * 60 if config.max_minutes else None)
-    return Plan(run.planned_epochs(), seconds, soft=config.max_minutes is None)
+    if (chosen := run.planned_epochs()) is not None:  # a resumed run: its choice decides, not a restarted clock
+        return Plan(chosen, config.max_minutes * 60 if config.max_minutes else None)
+    return Plan(None, seconds, soft=config.max_minutes is None)
 
 
 def auto_epochs(plan: Plan, run: RunState):
