@@ -32,7 +32,7 @@ def test_train_bench_compares_both_recipes_and_the_input_pipeline(tmp_path):
         assert 0 <= row["test_accuracy"] <= 1 and row["test_images"] > 0
         assert row["epochs"] >= 1 and row["train_images_per_second"] > 0
         assert row["forward_mflops_per_image"] > 0 and 0 < row["fraction_of_matmul_ceiling"] < 1
-        assert row["peak_rss_mb"] > 100 and row["classify_cold_start_seconds"] > 0
+        assert row["peak_rss_mib"] > 100 and row["classify_cold_start_seconds"] > 0
     assert report["results"]["simple_cnn"]["classify_runtime"] == "litert"
     assert report["results"]["tutorial"]["classify_runtime"] == "keras"
     feeds = report["input_pipeline"]

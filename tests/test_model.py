@@ -224,3 +224,39 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
     assert np.all(np.diff(by_epochs[10:]) < 0) and by_epochs[-1] < 0.01  # cosine decay towards zero
     by_clock = rates(1e-9)  # a budget already spent: the clock says training is over
     assert np.all(by_clock < 1e-6)
+
+
+def test_a_released_pipeline_lets_go_of_its_arrays():
+    """TensorFlow keeps the pipeline's gather function after the dataset is gone; once
+    released, the decoded images it read are freed (training's peak memory, README)."""
+    import gc
+    import weakref
+
+    from simple_cnn import data
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), np.arange(10, dtype=np.int32)
+    ds = data.make_tf_dataset(x, y, 4)
+    xb, yb = next(iter(ds))
+    assert np.array_equal(np.asarray(xb), x[:4].astype(np.float32)) and list(np.asarray(yb)) == [0, 1, 2, 3]
+    freed = weakref.ref(x)
+    ds.release_arrays()
+    del x, ds, xb, yb
+    gc.collect()
+    assert freed() is None
+
+
+def test_importing_tensorflow_loads_no_scikit_learn_until_it_is_used():
+    """Keras imports scikit-learn for wrappers simple_cnn does not use: about 57 MB that
+    train mode would hold throughout (quiet.sklearn_deferred)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from simple_cnn.quiet import import_keras; import simple_cnn.train; import_keras(); "
+        "assert 'sklearn' not in sys.modules, 'loaded'; "
+        "from sklearn.metrics import f1_score; print(f1_score([0, 1, 1], [0, 1, 1]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1.0"

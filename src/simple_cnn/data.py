@@ -639,6 +639,10 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
     second uint8 one: ``tf.numpy_function`` gathers straight from the NumPy array.
     ``in_graph=True`` slices a TensorFlow copy instead, for tf.distribute, whose
     multi-worker input pipelines cannot call Python functions.
+
+    TensorFlow keeps the gather function, and so what it reads, for as long as the
+    process runs, even after the dataset is gone: ``ds.release_arrays()`` lets the arrays
+    go when the dataset will not be read again (training calls it after fitting).
     """
     from .quiet import import_tensorflow
 
@@ -650,15 +654,19 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
     if in_graph:
         # uint8 batches, no map: the model casts its input. Under MultiWorkerMirroredStrategy
         # (TF 2.21, Keras 3.15) any map after batch fed wrong shapes from the second epoch on.
+        ds.release_arrays = lambda: None  # the TensorFlow copy goes with the dataset
         return ds
+    source = {"x": x, "y": y}
 
     def gather(idx):
-        xb, yb = tf.numpy_function(lambda i: (x[i], y[i]), [idx], (tf.uint8, tf.int32), stateful=False)
+        xb, yb = tf.numpy_function(lambda i: (source["x"][i], source["y"][i]), [idx], (tf.uint8, tf.int32), stateful=False)
         xb.set_shape((None, *x.shape[1:]))
         yb.set_shape((None,))
         return tf.cast(xb, tf.float32), yb
 
-    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds.release_arrays = source.clear
+    return ds
 
 
 def load_data(

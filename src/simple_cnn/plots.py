@@ -9,7 +9,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: works in Docker and over SSH
 import matplotlib.pyplot as plt  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from .files import atomic_output  # noqa: E402
 
@@ -89,6 +88,8 @@ def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
 
 def confusion_matrix(matrix, class_names: list[str], path: Path) -> Path:
     """scikit-learn's ConfusionMatrixDisplay, true classes down, predictions across."""
+    from sklearn.metrics import ConfusionMatrixDisplay  # here: train mode needs no scikit-learn (quiet.py)
+
     size = max(5.0, 0.6 * len(class_names) + 3)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(

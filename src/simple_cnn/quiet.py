@@ -34,7 +34,7 @@ def c_noise_hidden():
 
 def import_tensorflow():
     if "tensorflow" not in sys.modules:
-        with c_noise_hidden():
+        with c_noise_hidden(), sklearn_deferred():  # importing TensorFlow imports Keras
             import tensorflow
         if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
             import absl.logging
@@ -51,3 +51,25 @@ def import_keras():
     import keras
 
     return keras
+
+
+@contextlib.contextmanager
+def sklearn_deferred():
+    """Keep Keras' import from loading scikit-learn, which simple_cnn imports only where it uses it.
+
+    Keras imports scikit-learn, when installed, for its ``keras.wrappers`` estimators,
+    which simple_cnn does not use: about 57 MB held for the whole of a training run,
+    whose peak memory is a goal (bench/README.md, "Memory"). Marking the module absent
+    makes Keras take its own "scikit-learn not installed" path; afterwards scikit-learn
+    imports as usual. If it is already loaded, nothing changes, so a notebook that wants
+    ``keras.wrappers`` imports scikit-learn before simple_cnn first imports TensorFlow.
+    """
+    if "sklearn" in sys.modules:
+        yield
+        return
+    sys.modules["sklearn"] = None  # the import system's "not importable" marker
+    try:
+        yield
+    finally:
+        if sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]

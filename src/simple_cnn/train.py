@@ -251,6 +251,7 @@ def fit(
         splits.x_train, splits.y_train, global_batch, shuffle=True, seed=config.seed, in_graph=cluster.in_graph
     )
     val_ds = data.make_tf_dataset(splits.x_val, splits.y_val, global_batch, in_graph=cluster.in_graph)
+    releases = (train_ds.release_arrays, val_ds.release_arrays)
     steps = cluster.fit_steps(counts["train"], counts["val"], global_batch)
     if not steps:
         # One training iterator for the whole run, not a new one each epoch: with a new one,
@@ -273,6 +274,8 @@ def fit(
             verbose=1 if sys.stderr.isatty() else 2,
             **steps,
         )
+    for release in releases:  # the datasets will not be read again (make_tf_dataset)
+        release()
     run.restore_best(model)
     return time.monotonic() - started, steps["steps_per_epoch"], plan.epochs
 
@@ -345,7 +348,22 @@ def model_metadata(result: TrainResult, config: TrainConfig, history: dict) -> d
 
 
 def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict, dataset, splits: Splits, images_dir: Path):
-    """The model file, its LiteRT copy, the training curves, example images and the report page."""
+    """The training curves, example images, the model file, its LiteRT copy and the report page.
+
+    The pictures come first: the example grid is the last use of the decoded images, which
+    are then released (``splits`` keeps their labels and fingerprints), so that the LiteRT
+    converter's memory does not come on top of theirs at the run's peak.
+    """
+    curves = plots.training_curves(history, images_dir / "training_curves.png")
+    names = dataset.class_names
+    examples = plots.sample_grid(
+        splits.x_train,
+        lambda i: names[splits.y_train[i]],
+        images_dir / "examples_train_images.png",
+        "Training images",
+        config.seed,
+    )
+    splits.x_train = splits.x_val = None
     metadata = model_metadata(result, config, history)
     # Training is over: drop the compiled training, evaluation and prediction graphs so
     # that the LiteRT converter reuses their memory.
@@ -358,15 +376,6 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
     except Exception as e:  # noqa: BLE001 (any converter failure only costs speed)
         log.warning(f"could not write the LiteRT copy of the model ({str(e).splitlines()[0] if str(e) else e!r})")
     save_model(model, Path(result.model_file_path), metadata, splits.fingerprints.as_dict())
-    curves = plots.training_curves(history, images_dir / "training_curves.png")
-    names = dataset.class_names
-    examples = plots.sample_grid(
-        splits.x_train,
-        lambda i: names[splits.y_train[i]],
-        images_dir / "examples_train_images.png",
-        "Training images",
-        config.seed,
-    )
     page = report.write_report(
         images_dir,
         metadata,
