@@ -640,9 +640,10 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
     ``in_graph=True`` slices a TensorFlow copy instead, for tf.distribute, whose
     multi-worker input pipelines cannot call Python functions.
 
-    TensorFlow keeps the gather function, and so what it reads, for as long as the
-    process runs, even after the dataset is gone: ``ds.release_arrays()`` lets the arrays
-    go when the dataset will not be read again (training calls it after fitting).
+    TensorFlow keeps the gather function, and so what it reads, after the dataset is
+    gone (after training, the decoded images were still referenced from its closure):
+    ``ds.release_arrays()`` lets the arrays go when the dataset will not be read again
+    (training calls it after fitting).
     """
     from .quiet import import_tensorflow
 

@@ -36,7 +36,10 @@ __all__ = ["Plan", "TrainConfig", "train", "learning_rate_schedule", "time_budge
 
 @dataclass
 class Splits:
-    """The decoded training and validation images (uint8), their labels and fingerprints."""
+    """The decoded training and validation images (uint8), their labels and fingerprints.
+
+    ``save_outputs`` sets the images to None once it has drawn them, to lower the run's peak memory.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
