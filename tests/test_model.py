@@ -246,6 +246,21 @@ def test_a_released_pipeline_lets_go_of_its_arrays():
     assert freed() is None
 
 
+def test_the_training_pipeline_passes_each_image_once_an_epoch_without_a_tuning_thread():
+    """Repeated as training repeats it, each epoch is one reshuffled pass; and the pipeline
+    runs no tf.data autotuning thread, whose sleep of up to a minute a deleted iterator
+    waits out (Keras' fit returned a minute after the last epoch; bench/README.md)."""
+    from simple_cnn import data
+
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
+    ds = data.make_tf_dataset(x, np.arange(10, dtype=np.int32), 4, shuffle=True, seed=1)
+    assert ds.options().autotune.enabled is False
+    labels = np.concatenate([np.asarray(yb) for _, yb in ds.repeat().take(9)])  # 3 epochs of 3 batches
+    epochs = [sorted(labels[i : i + 10]) for i in (0, 10, 20)]
+    assert all(epoch == list(range(10)) for epoch in epochs)
+    assert list(labels[:10]) != list(labels[10:20])  # reshuffled
+
+
 def test_importing_tensorflow_loads_no_scikit_learn_until_it_is_used():
     """Keras imports scikit-learn for wrappers simple_cnn does not use: about 57 MB that
     train mode would hold throughout (quiet.sklearn_deferred)."""

@@ -631,6 +631,9 @@ def _open_memmap(path: Path, count: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.memmap(path, np.uint8, "r", shape=(count, *shape))
 
 
+PIPELINE_DEPTH = 2  # batches gathered in parallel, and batches kept ready, by make_tf_dataset
+
+
 def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0, in_graph=False):
     """Stream ``(x, y)`` to Keras in float32 batches with tf.data.
 
@@ -665,7 +668,14 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
         yb.set_shape((None,))
         return tf.cast(xb, tf.float32), yb
 
-    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # Fixed parallelism and no tf.data.AUTOTUNE, which starts a tuning thread (it sleeps for
+    # doubling periods of up to a minute): deleting the training iterator waited for that
+    # thread, so Keras' fit returned up to a minute after a long run's last epoch
+    # (bench/README.md, "A minute after the last epoch"). Two gathers in flight and two
+    # batches ready keep up with the network (the benchmark's input-pipeline rows).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.map(gather, num_parallel_calls=PIPELINE_DEPTH).prefetch(PIPELINE_DEPTH).with_options(options)
     ds.release_arrays = source.clear
     return ds
 
