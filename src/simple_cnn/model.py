@@ -47,16 +47,12 @@ def mirror_layers():
     return MirrorBatch, MirrorMean
 
 
-HEAD_FILTERS = 512  # the last layer's width, before pooling
-
-
 def build_model(num_classes: int, image_size: int, augment: bool = True, dropout: float = 0.25):
     """A small Xception-style CNN: accuracy per CPU-second over depth.
 
     The shape follows keras.io's "Image classification from scratch": a strided stem,
     then blocks of two depthwise-separable convolutions with batch norm and a strided
-    residual shortcut, a wider separable convolution, and global average pooling instead
-    of a large dense layer.
+    residual shortcut, and global average pooling instead of a large dense layer.
     Separable convolutions cost about a ninth of full 3x3 ones for the same width.
 
     With ``augment``, which flips images left-right in training, the network also averages
@@ -90,12 +86,6 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
             x = layers.Activation("relu", name=f"b{filters}_relu{i}")(x)
         x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"b{filters}_pool")(x)
         x = layers.add([x, shortcut], name=f"b{filters}_add")
-    # A wider last layer before pooling, as in keras.io's example (a separable convolution
-    # to 1024) and MobileNet: richer features for the classifier at the coarsest grid,
-    # where they are cheap (bench/README.md, "A wider head").
-    x = layers.SeparableConv2D(HEAD_FILTERS, 3, padding="same", use_bias=False, name="head_sep")(x)
-    x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
-    x = layers.Activation("relu", name="head_relu")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
