@@ -248,8 +248,8 @@ def test_a_released_pipeline_lets_go_of_its_arrays():
 
 def test_the_training_pipeline_passes_each_image_once_an_epoch_without_a_tuning_thread():
     """Repeated as training repeats it, each epoch is one reshuffled pass; and the pipeline
-    runs no tf.data autotuning thread, whose sleep of up to a minute a deleted iterator
-    waits out (Keras' fit returned a minute after the last epoch; bench/README.md)."""
+    runs no tf.data autotuning thread, which a deleted iterator waited for (Keras' fit
+    returned up to a minute after the last epoch; bench/README.md)."""
     from simple_cnn import data
 
     x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
