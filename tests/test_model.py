@@ -122,6 +122,28 @@ def test_prediction_is_the_mean_over_the_image_and_its_mirror(small_model):
     assert not np.allclose(single(x, training=False), single(mirrored, training=False))  # the network alone is not symmetric
 
 
+def test_grad_cam_reads_the_head_or_an_older_models_last_block(small_model):
+    """Grad-CAM reads the 1x1 head before pooling; models trained before it existed still
+    explain (their last block is read); a network of another kind is one clear error."""
+    from simple_cnn import explain
+    from simple_cnn.quiet import import_keras
+
+    keras = import_keras()
+    x = np.random.default_rng(4).integers(0, 256, size=(2, 32, 32, 3)).astype(np.uint8)
+    heat = explain.heat_maps(small_model, x, np.array([0, 2]))
+    assert heat.shape == (2, 2, 2) and 0 <= heat.min() <= heat.max() <= 1  # 32 / 16 = 2 cells a side
+
+    plain = model_lib.build_model(3, 32, augment=False)
+    pooled = keras.layers.GlobalAveragePooling2D()(plain.get_layer("b256_add").output)
+    older = keras.Model(plain.input, keras.layers.Dense(3, activation="softmax")(pooled))
+    assert "head_relu" not in {layer.name for layer in older.layers}
+    assert explain.heat_maps(older, x, np.array([1, 1])).shape == (2, 2, 2)
+
+    other = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    with pytest.raises(DataError, match="no layer 'head_relu'.*trained by simple_cnn"):
+        explain.heat_maps(other, x, np.array([0, 0]))
+
+
 @functools.cache
 def _one_weight_model():
     """Built and compiled once: each fit after the first skips tracing its training step."""

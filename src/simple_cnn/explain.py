@@ -20,7 +20,9 @@ from .errors import DataError
 from .files import atomic_output
 from .quiet import import_keras, import_tensorflow
 
-LAST_BLOCK = "b256_add"  # model.build_model's last convolutional block (before pooling)
+# model.build_model's last convolutional layer (before pooling); in models trained before
+# the network had its 1x1 head, the last block's sum.
+LAST_LAYERS = ("head_relu", "b256_add")
 
 
 def heat_maps(model, x: np.ndarray, classes: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -29,10 +31,10 @@ def heat_maps(model, x: np.ndarray, classes: np.ndarray, batch: int = 64) -> np.
     ``h x w`` is the last block's grid (S / 16 for our network): coarse, by design.
     """
     keras, tf = import_keras(), import_tensorflow()
-    try:
-        block = model.get_layer(LAST_BLOCK)
-    except ValueError:
-        raise DataError(f"this model has no layer {LAST_BLOCK!r}: --explain works on networks trained by simple_cnn") from None
+    names = {layer.name for layer in model.layers}
+    block = next((model.get_layer(name) for name in LAST_LAYERS if name in names), None)
+    if block is None:
+        raise DataError(f"this model has no layer {LAST_LAYERS[0]!r}: --explain works on networks trained by simple_cnn")
     probe = keras.Model(model.inputs, [block.output, model.output])
     maps = []
     for start in range(0, len(x), batch):
