@@ -1,7 +1,7 @@
 """Why did it say that: Grad-CAM heat maps (Selvaraju et al., 2017) and their overlays.
 
 As in keras.io's "Grad-CAM class activation visualization": the gradient of the
-class's score with respect to the feature maps of the last convolutional block,
+class's score with respect to the feature maps of the last convolutional layer,
 averaged over each map, weights the maps; their positive sum, scaled to [0, 1], is
 where the network looked. The score is the log-probability (our last layer includes
 the softmax; its log is the logit minus a constant shared by all classes, and its
@@ -28,7 +28,7 @@ LAST_LAYERS = ("head_relu", "b256_add")
 def heat_maps(model, x: np.ndarray, classes: np.ndarray, batch: int = 64) -> np.ndarray:
     """Grad-CAM of ``classes[i]`` on image ``x[i]`` (uint8 ``[N, S, S, 3]``): ``[N, h, w]`` in [0, 1].
 
-    ``h x w`` is the last block's grid (S / 16 for our network): coarse, by design.
+    ``h x w`` is the last layer's grid (S / 16 for our network): coarse, by design.
     """
     keras, tf = import_keras(), import_tensorflow()
     names = {layer.name for layer in model.layers}
