@@ -11,13 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_shapes_dataset
+from conftest import CLASSES, add_copies, make_shapes_dataset
+from simple_cnn.data import scan_dataset
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_bench.py"
 
 
 def test_train_bench_compares_both_recipes_and_the_input_pipeline(tmp_path):
     dataset = make_shapes_dataset(tmp_path / "shapes", per_class=20)
+    add_copies(dataset, CLASSES[0], CLASSES[1])  # copies of a training image: two near copies land in the test split
+    test_split = len(scan_dataset(dataset).split("test"))
     output = tmp_path / "results" / "train.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--dataset", str(dataset), "--minutes", "0.1", "--quick", "--output", str(output)],
@@ -33,6 +36,8 @@ def test_train_bench_compares_both_recipes_and_the_input_pipeline(tmp_path):
         assert row["epochs"] >= 1 and row["train_images_per_second"] > 0
         assert row["forward_mflops_per_image"] > 0 and 0 < row["fraction_of_matmul_ceiling"] < 1
         assert row["peak_rss_mib"] > 100 and row["classify_cold_start_seconds"] > 0
+    # Both are tested on the images --mode test scores: the near copies of a training image set aside.
+    assert report["results"]["simple_cnn"]["test_images"] == report["results"]["tutorial"]["test_images"] < test_split
     assert report["results"]["simple_cnn"]["classify_runtime"] == "litert"
     assert report["results"]["tutorial"]["classify_runtime"] == "keras"
     feeds = report["input_pipeline"]
