@@ -19,7 +19,7 @@ DEFAULT_IMAGES_DIR = "images"
 DISTRIBUTE_KINDS = ("none", "auto", "mirrored", "multiworker")
 # Without --epochs, training fills a time budget: the epoch count is chosen from the
 # measured speed of the second epoch (README, "How long training runs").
-AUTO_MINUTES = 8.5  # the whole run on flower_photos (3,670 photos, 2 cores) stays under 10 minutes (small copy: 8 min 11 s)
+AUTO_MINUTES = 8.5  # the whole run on flower_photos (3,670 photos, 2 cores) stays under 10 minutes (small copy: 8:18-8:31)
 AUTO_EPOCHS = (10, 25)  # the fewest and the most epochs it chooses (25: the Quickstart on digits stays near a minute)
 AUTO_EPOCHS_ON_CLUSTERS = 20  # several workers cannot follow one worker's clock
 

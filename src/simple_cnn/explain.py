@@ -31,8 +31,8 @@ def heat_maps(model, x: np.ndarray, classes: np.ndarray, batch: int = 64) -> np.
     ``h x w`` is the last layer's grid (S / 16 for our network): coarse, by design.
     """
     keras, tf = import_keras(), import_tensorflow()
-    names = {layer.name for layer in model.layers}
-    block = next((model.get_layer(name) for name in LAST_LAYERS if name in names), None)
+    by_name = {layer.name: layer for layer in model.layers}
+    block = next((by_name[name] for name in LAST_LAYERS if name in by_name), None)
     if block is None:
         raise DataError(f"this model has no layer {LAST_LAYERS[0]!r}: --explain works on networks trained by simple_cnn")
     probe = keras.Model(model.inputs, [block.output, model.output])

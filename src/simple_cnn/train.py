@@ -169,7 +169,7 @@ def class_weights(y_train: np.ndarray, num_classes: int) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(num_classes) if c not in present}
 
 
-def calibrate(model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int = 32) -> dict:
+def calibrate(model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int) -> dict:
     """Fit one temperature on the validation split and bake it into the network.
 
     The output layer computes softmax(W x + b); dividing W and b by the temperature T
@@ -178,7 +178,7 @@ def calibrate(model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int = 32)
     class is most likely, so accuracy is unchanged.
 
     The validation images go through ``predict`` in training-sized batches, as test mode's
-    do: eager calls on 256 images at a time (and their mirror images) held 2.5 GB more
+    do: eager calls on 256 images at a time (and their mirror images) held 2.5 GiB more
     at their peak on flowers-dev than training itself.
     """
     val_ds = data.make_tf_dataset(x_val, y_val, batch_size)
