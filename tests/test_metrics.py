@@ -117,17 +117,28 @@ def test_class_weight_auto_and_the_imbalance_warning(tmp_path, caplog):
     assert json.loads(weighted.stdout)["config"]["class_weight"] == "auto"
 
 
-def test_temperature_baked_into_the_network_equals_rescaled_probabilities():
-    """What train mode does to the output layer gives what metrics.rescale computes."""
-    from simple_cnn.model import build_model
+@pytest.mark.parametrize("mirror", [False, True], ids=["one-view", "mirror-averaging"])
+def test_temperature_baked_into_the_network_equals_rescaled_views(mirror):
+    """What train mode does to the output layer gives what metrics.rescale_views computes
+    from each view's probabilities; with the mirror averaging, not what rescaling the
+    network's averaged output would give."""
+    from simple_cnn.model import build_model, view_probabilities
 
-    model = build_model(3, 16, augment=False)
-    x = np.random.default_rng(0).integers(0, 255, size=(8, 16, 16, 3)).astype(np.float32)
-    before = np.asarray(model(x, training=False))
+    model = build_model(3, 16, augment=mirror)
     layer = model.get_layer("probabilities")
     kernel, bias = layer.get_weights()
+    layer.set_weights([kernel * 30, bias])  # confident views, so that where they disagree it shows
+    x = np.random.default_rng(0).integers(0, 255, size=(8, 16, 16, 3)).astype(np.float32)
+    views = view_probabilities(model, x)
+    assert views.shape == (8, 2 if mirror else 1, 3)
+    before = model.predict(x, verbose=0)
+    np.testing.assert_allclose(views.mean(axis=1), before, atol=1e-6)
+    kernel, bias = layer.get_weights()
     layer.set_weights([kernel / 0.5, bias / 0.5])
-    np.testing.assert_allclose(np.asarray(model(x, training=False)), metrics.rescale(before, 0.5), atol=1e-5)
+    after = model.predict(x, verbose=0)
+    np.testing.assert_allclose(after, metrics.rescale_views(views, 0.5), atol=1e-5)
+    if mirror:
+        assert np.abs(after - metrics.rescale(before, 0.5)).max() > 1e-3
 
 
 def test_calibrate_records_the_temperature_and_test_mode_reports_both_errors(tmp_path):

@@ -14,6 +14,7 @@ from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, TrainConf
 from .errors import DataError
 from .files import atomic_output, ensure_writable_dir, write_json
 from .formats import load_model, read_fingerprints, read_metadata
+from .model import view_probabilities
 from .results import TestResult
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ def evaluate(
 
     with interrupts.deferred():  # TensorFlow works: a signal waits for a safe point
         model, _ = load_model(model_path)
-        probabilities = model.predict(data.make_tf_dataset(x, y, batch_size), verbose=0, callbacks=[interrupts.safe_points()])
-    result = score(probabilities, y, metadata, min_confidence, str(model_path), dataset)
+        views = view_probabilities(model, data.make_tf_dataset(x, y, batch_size), callbacks=[interrupts.safe_points()])
+    probabilities = views.mean(axis=1)  # the network's output: the mean over the image and its mirror
+    result = score(views, y, metadata, min_confidence, str(model_path), dataset)
     predicted = probabilities.argmax(axis=1)
     worst = metrics.worst_mistakes(probabilities, y)
     written = [
@@ -145,10 +147,13 @@ def set_aside_copies_of_training(dataset, model_path, records, x, y):
     return x[keep], y[keep], test.take(keep).files
 
 
-def score(
-    probabilities: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: float, model_path: str, dataset
-) -> TestResult:
-    """Every test metric of ``probabilities`` against the labels ``y`` (scikit-learn's where it has them)."""
+def score(views: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: float, model_path: str, dataset) -> TestResult:
+    """Every test metric of the network's output against the labels ``y`` (scikit-learn's where it has them).
+
+    ``views``: the probabilities of each view, ``(images, views, classes)``
+    (model.view_probabilities); the network outputs their mean. The calibration error
+    without the model's temperature undoes it on each view, as the network applied it.
+    """
     from sklearn.metrics import (
         balanced_accuracy_score,
         classification_report,
@@ -159,12 +164,13 @@ def score(
     )
 
     class_names = metadata["class_names"]
+    probabilities = views.mean(axis=1)
     predicted = probabilities.argmax(axis=1)
     labels = list(range(len(class_names)))
     correct = int((predicted == y).sum())
     k = min(ClassifyConfig.top_k, len(labels) - 1)
     temperature = (metadata.get("calibration") or {}).get("temperature")
-    uncalibrated = metrics.rescale(probabilities, 1 / temperature) if temperature else probabilities
+    uncalibrated = metrics.rescale_views(views, 1 / temperature) if temperature else probabilities
     answered = probabilities.max(axis=1) >= min_confidence
     return TestResult(
         model_file_path=model_path,

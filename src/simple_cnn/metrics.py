@@ -65,23 +65,32 @@ def reliability_bins(probabilities: np.ndarray, y: np.ndarray, bins: int = ECE_B
 
 
 def rescale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax probabilities as they would be with logits divided by ``temperature``."""
+    """Softmax probabilities (classes on the last axis) as they would be with logits divided by ``temperature``."""
     logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
+    logits -= logits.max(axis=-1, keepdims=True)
     e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
-    """The temperature T > 0 that minimises the cross-entropy of ``rescale(probabilities, T)``
-    on held-out data (the validation split). One number: the ranking of classes, and so
-    the accuracy, cannot change."""
+def rescale_views(views: np.ndarray, temperature: float) -> np.ndarray:
+    """What a network averaging several views outputs with its logits divided by ``temperature``:
+    each view's probabilities rescaled, then averaged. ``views``: ``(images, views, classes)``
+    (model.view_probabilities)."""
+    return rescale(views, temperature).mean(axis=1)
+
+
+def fit_temperature(views: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the cross-entropy of ``rescale_views(views, T)``
+    on held-out data (the validation split). ``views``: ``(images, views, classes)``, or
+    ``(images, classes)`` for one view. One number: the ranking of classes in each view,
+    and so the accuracy, cannot change."""
     from scipy.optimize import minimize_scalar
 
+    views = views[:, None] if views.ndim == 2 else views
     rows = np.arange(len(y))
 
     def loss(log_t):
-        return -np.log(np.clip(rescale(probabilities, math.exp(log_t))[rows, y], 1e-12, 1.0)).mean()
+        return -np.log(np.clip(rescale_views(views, math.exp(log_t))[rows, y], 1e-12, 1.0)).mean()
 
     best = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
     return float(math.exp(best.x))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from .quiet import import_keras
 
 # The 1x1 convolution before pooling (MobileNet's last layer): pooled directly, the last
@@ -103,3 +105,23 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
     if augment:
         outputs = mirror_mean(dtype="float32", name="mirror_mean")(outputs)
     return keras.Model(inputs, outputs, name="simple_cnn")
+
+
+def view_probabilities(model, images, **predict_options) -> np.ndarray:
+    """The output layer's probabilities for each view of each image: ``(images, views, classes)``.
+
+    A network with the mirror averaging outputs the mean over its two views (the image and
+    its mirror); one without has a single view. ``images`` and ``predict_options`` go to ``model.predict``.
+    Calibration needs the views: a temperature divides each view's logits before the two
+    are averaged, which is not the same as rescaling their mean (metrics.rescale_views).
+    """
+    keras = import_keras()
+    ops = keras.ops
+    per_view = model.get_layer("probabilities").output
+    try:
+        model.get_layer("mirror_mean")
+    except ValueError:  # no mirror averaging: one view
+        views = ops.expand_dims(per_view, 1)
+    else:  # MirrorBatch put the images first and their mirrors after them
+        views = ops.stack(ops.split(per_view, 2, axis=0), axis=1)
+    return keras.Model(model.inputs, views).predict(images, verbose=0, **predict_options)

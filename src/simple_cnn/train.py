@@ -24,7 +24,7 @@ from .config import AUTO_EPOCHS, AUTO_EPOCHS_ON_CLUSTERS, DEFAULT_IMAGES_DIR, DE
 from .errors import DataError
 from .files import ensure_writable_dir
 from .formats import LITERT_SHA256, check_model_path, save_model, write_tflite
-from .model import build_model
+from .model import build_model, view_probabilities
 from .quiet import import_keras, import_tensorflow
 from .results import TrainResult, WorkerResult
 from .runstate import RunState
@@ -177,16 +177,18 @@ def calibrate(model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int) -> d
     ONNX) gives the calibrated probabilities with no extra step. T cannot change which
     class is most likely, so accuracy is unchanged.
 
-    The validation images go through ``predict`` in training-sized batches, as test mode's
-    do: eager calls on 256 images at a time (and their mirror images) held 2.5 GiB more
-    at their peak on flowers-dev than training itself.
+    The temperature is fitted on each view's probabilities (the image and its mirror), as
+    the network applies it, not on their average. The validation images go through
+    ``predict`` in training-sized batches, as test mode's do: eager calls on 256 images at
+    a time (and their mirror images) held 2.5 GiB more at their peak on flowers-dev than
+    training itself.
     """
     val_ds = data.make_tf_dataset(x_val, y_val, batch_size)
-    probabilities = model.predict(val_ds, verbose=0, callbacks=[interrupts.safe_points()])
+    views = view_probabilities(model, val_ds, callbacks=[interrupts.safe_points()])
     val_ds.release_arrays()
-    fitted = metrics.fit_temperature(probabilities, y_val)
-    before = metrics.expected_calibration_error(probabilities, y_val)
-    after = metrics.expected_calibration_error(metrics.rescale(probabilities, fitted), y_val)
+    fitted = metrics.fit_temperature(views, y_val)
+    before = metrics.expected_calibration_error(views.mean(axis=1), y_val)  # the network's output
+    after = metrics.expected_calibration_error(metrics.rescale_views(views, fitted), y_val)  # and with T baked in
     if after >= before:  # a small validation split can fit a temperature that does no good: keep 1
         log.info(f"Not calibrated: a temperature of {fitted:.2f} would not lower the validation calibration error ({before:.3f})")
         return {"temperature": 1.0, "fitted_temperature": fitted, "val_ece_before": before, "val_ece_after": before}
