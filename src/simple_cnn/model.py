@@ -111,9 +111,10 @@ def view_probabilities(model, images, **predict_options) -> np.ndarray:
     """The output layer's probabilities for each view of each image: ``(images, views, classes)``.
 
     A network with the mirror averaging outputs the mean over its two views (the image and
-    its mirror); one without has a single view. ``images`` and ``predict_options`` go to ``model.predict``.
-    Calibration needs the views: a temperature divides each view's logits before the two
-    are averaged, which is not the same as rescaling their mean (metrics.rescale_views).
+    its mirror); one without has a single view. ``images`` and ``predict_options`` go to
+    ``model.predict``. Calibration needs the views: a temperature divides each view's
+    logits before the two are averaged, which is not the same as rescaling their mean
+    (metrics.rescale_views).
     """
     keras = import_keras()
     ops = keras.ops
