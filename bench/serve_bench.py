@@ -8,6 +8,8 @@ model file alone in a temporary folder), in the same run: starts the server on
 single-image TensorFlow Serving predict requests over keep-alive connections for
 ``--seconds``; prints requests/s, p50/p95/p99 latency and errors; then keeps sending
 until ``--total`` requests in all and prints the server's RSS before and after.
+First, the LiteRT interpreter alone: milliseconds per call at batch sizes 1 to 8, which
+decide whether serve batches concurrent requests on LiteRT (``serve.Model``).
 """
 
 from __future__ import annotations
@@ -112,6 +114,25 @@ def load(server: Server, body: bytes, path: str, clients: int, seconds: float, t
     }
 
 
+def interpreter_times(model: Path, repeats: int = 50) -> str:
+    """Milliseconds per LiteRT call at batch sizes 1, 2, 4 and 8, the model's own interpreter settings."""
+    sys.path.insert(0, str(SRC))
+    from simple_cnn.classify import LiteRT
+    from simple_cnn.formats import tflite_path
+
+    interpreter = LiteRT(tflite_path(model).read_bytes())
+    parts = []
+    for n in (1, 2, 4, 8):
+        x = np.zeros((n, *interpreter.input_shape), np.uint8)
+        interpreter(x)  # sizes the interpreter's tensors for n
+        start = time.perf_counter()
+        for _ in range(repeats):
+            interpreter(x)
+        ms = (time.perf_counter() - start) / repeats * 1000
+        parts.append(f"{n}: {ms:.2f} ms ({ms / n:.2f} ms an image)")
+    return "LiteRT interpreter alone, batch " + ", ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
@@ -123,6 +144,7 @@ def main() -> None:
     name = args.model.name.split(".")[0]
     body = json.dumps({"instances": [{"b64": base64.b64encode(args.image.read_bytes()).decode()}]}).encode()
     path = f"/v1/models/{name}:predict"
+    print(interpreter_times(args.model), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         alone = Path(tmp) / args.model.name  # without its .tflite copy: the Keras runtime
         shutil.copyfile(args.model, alone)

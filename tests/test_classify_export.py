@@ -310,6 +310,112 @@ def test_serve_answers_tensorflow_serving_and_classify_requests(server, new_imag
     assert multipart == (200, raw[1] | {"image": images[0].name})
 
 
+def test_serve_answers_concurrent_requests_each_with_its_own_image(server, new_images):
+    """Concurrent requests are batched into shared interpreter calls: each must still get its own answer."""
+    url, _ = server
+    folder, _ = new_images
+    images = sorted(p for p in folder.rglob("*.png") if not p.name.startswith("."))[:12]
+    alone = [_request(url, "/classify", p.read_bytes())[1]["top_k"] for p in images]
+    answers = [None] * (3 * len(images))
+
+    def ask(i):
+        body = json.dumps({"instances": [{"b64": base64.b64encode(images[i % len(images)].read_bytes()).decode()}]})
+        answers[i] = _request(url, "/v1/models/cnn_model:predict", body.encode())
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(answers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (status, answer) in enumerate(answers):
+        expected = alone[i % len(images)]
+        probabilities = answer["predictions"][0]["probabilities"]
+        assert status == 200 and answer["predictions"][0]["classes"] == expected[0]["class"]
+        assert max(probabilities) == pytest.approx(expected[0]["probability"], abs=1e-4)
+
+
+def test_batcher_runs_waiting_callers_in_one_call_and_answers_each():
+    """While a call runs, callers queue; the next call takes them all and each gets its own rows."""
+    from simple_cnn.serve import Batcher
+
+    started, release = threading.Event(), threading.Event()
+    sizes = []
+
+    def predict(x):
+        sizes.append(len(x))
+        if len(sizes) == 1:  # hold the first call until every other caller waits
+            started.set()
+            assert release.wait(10)
+        return x * 10.0
+
+    batcher = Batcher(predict, max_images=8)
+    results, errors = {}, []
+
+    def call(i, n):
+        try:
+            results[i] = batcher(np.full((n, 2), i, np.float32))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    first = threading.Thread(target=call, args=(0, 1))
+    first.start()
+    assert started.wait(10)
+    others = [threading.Thread(target=call, args=(i, 1 + i % 3)) for i in range(1, 7)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(batcher._waiting) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert errors == []
+    for i in range(7):  # each caller got its own rows, as many as it sent
+        assert results[i].shape == ((1 + i % 3) if i else 1, 2) and (results[i] == 10.0 * i).all()
+    # 1 image, then the 12 waiting images in batches of at most 8, oldest first
+    assert sizes[0] == 1 and sum(sizes[1:]) == 12 and max(sizes) <= 8 and len(sizes) == 3, sizes
+
+
+def test_served_keras_model_batches_concurrent_requests_and_answers_each(trained, new_images, tmp_path):
+    """Without a LiteRT copy, serve batches concurrent requests through Keras: same answers as one by one."""
+    from simple_cnn.config import ClassifyConfig
+    from simple_cnn.serve import Model
+
+    work, _ = trained
+    shutil.copy(work / "models" / "cnn_model.keras", tmp_path / "alone.keras")  # no .tflite beside it
+    model = Model(tmp_path / "alone.keras", ClassifyConfig())
+    assert model.predictor.runtime == "keras"
+    images = [p.read_bytes() for p in sorted(new_images[0].rglob("*.png")) if not p.name.startswith(".")][:8]
+    one_by_one = [model.probabilities([content])[0] for content in images]
+    calls_before, together = model.batcher.calls, [None] * 24
+
+    def ask(i):
+        together[i] = model.probabilities([images[i % len(images)]])[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(together))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, got in enumerate(together):
+        np.testing.assert_allclose(got, one_by_one[i % len(images)], atol=1e-4)
+    assert model.batcher.calls - calls_before < len(together)  # some requests shared a call
+
+
+def test_batcher_gives_each_caller_of_a_failed_call_the_error_and_goes_on():
+    from simple_cnn.serve import Batcher
+
+    def predict(x):
+        if (x < 0).any():
+            raise RuntimeError("the interpreter failed")
+        return x
+
+    batcher = Batcher(predict)
+    with pytest.raises(RuntimeError, match="interpreter failed"):
+        batcher(np.array([[-1.0]]))
+    assert batcher(np.array([[2.0]])).tolist() == [[2.0]] and not batcher._busy
+
+
 BAD_REQUESTS = [
     ("/classify", b"this is text, not an image", 400, "not an image"),
     ("/classify", b"\x89PNG\r\n\x1a\n" + b"\0" * 30, 400, "cannot read"),
