@@ -408,12 +408,21 @@ def test_batcher_gives_each_caller_of_a_failed_call_the_error_and_goes_on():
     def predict(x):
         if (x < 0).any():
             raise RuntimeError("the interpreter failed")
+        if (x > 100).any():
+            raise KeyboardInterrupt  # not an Exception: the lead must still pass on
         return x
 
     batcher = Batcher(predict)
     with pytest.raises(RuntimeError, match="interpreter failed"):
         batcher(np.array([[-1.0]]))
     assert batcher(np.array([[2.0]])).tolist() == [[2.0]] and not batcher._busy
+    with pytest.raises(KeyboardInterrupt):
+        batcher(np.array([[101.0]]))
+    after = []  # in a thread: a lead left stuck would make this call wait for ever
+    caller = threading.Thread(target=lambda: after.append(batcher(np.array([[3.0]]))), daemon=True)
+    caller.start()
+    caller.join(10)
+    assert [a.tolist() for a in after] == [[[3.0]]] and not batcher._busy
 
 
 BAD_REQUESTS = [

@@ -76,15 +76,17 @@ class Batcher:
         return me.result
 
     def _lead_until(self, me: _Waiting) -> None:
-        while not me.done:
+        try:
+            while not me.done:
+                with self._lock:
+                    batch = self._take()
+                self._run(batch)
+        finally:  # whatever happened, the lead passes on: a stuck lead would hang every later request
             with self._lock:
-                batch = self._take()
-            self._run(batch)
-        with self._lock:
-            if self._waiting:
-                self._waiting[0].woken.set()  # the next leader; the predictor stays busy
-            else:
-                self._busy = False
+                if self._waiting:
+                    self._waiting[0].woken.set()  # the next leader; the predictor stays busy
+                else:
+                    self._busy = False
 
     def _take(self) -> list[_Waiting]:
         """The oldest waiting callers, up to ``max_images`` images (at least one caller)."""
@@ -98,16 +100,18 @@ class Batcher:
         self.calls += 1
         try:
             out = self._predict(np.concatenate([w.pixels for w in batch]))
-        except Exception as e:  # noqa: BLE001 (each caller re-raises it)
-            for w in batch:
-                w.error = e
-        else:
             ends = np.cumsum([len(w.pixels) for w in batch])
             for w, part in zip(batch, np.split(out, ends[:-1])):
                 w.result = part
-        for w in batch:
-            w.done = True
-            w.woken.set()
+        except Exception as e:  # noqa: BLE001 (each caller re-raises it)
+            for w in batch:
+                w.error = e
+        finally:  # every caller of the batch is answered, even if the call was cut short
+            for w in batch:
+                if w.result is None and w.error is None:
+                    w.error = RuntimeError("the prediction was interrupted")
+                w.done = True
+                w.woken.set()
 
 
 class _Waiting:
