@@ -124,6 +124,7 @@ def test_disk_cache_serves_train_and_test_modes(tmp_path):
     train = run_cli("--mode", "train", "--epochs", "2", *common, cwd=tmp_path)
     assert train.returncode == 0, train.stderr
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 2  # the train and validation splits
+    assert json.loads(train.stdout)["config"]["batch_size"] == 32  # no --batch_size: the default for 32 pixels, recorded
     first = run_cli("--mode", "test", *common, cwd=tmp_path)
     second = run_cli("--mode", "test", *common, cwd=tmp_path)  # from the cache
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
@@ -185,6 +186,16 @@ def test_python_api_checks_settings_as_the_cli_does(settings, word):
         TrainConfig(**settings)
     with pytest.raises(SettingError, match="val_split"):
         load_data("anywhere", val_split=1.5)
+
+
+def test_default_batch_holds_the_pixels_of_32_images_of_96(trained):
+    """32 images a step up to 96 pixels, fewer above (training's peak memory grows with a step's pixels)."""
+    from simple_cnn.config import TrainConfig, auto_batch_size
+
+    assert [auto_batch_size(s) for s in (32, 96, 104, 112, 128, 160, 1024)] == [32, 32, 24, 16, 16, 8, 8]
+    assert TrainConfig().batch_for(112) == 16 and TrainConfig(batch_size=64).batch_for(112) == 64
+    _, summary = trained  # --batch_size given: used and recorded (the default's case: the disk-cache test)
+    assert summary["config"]["batch_size"] == 16 and summary["distribute"]["global_batch"] == 16
 
 
 def test_quiet_keeps_warnings_and_results_only(tmp_path):

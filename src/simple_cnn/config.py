@@ -22,6 +22,17 @@ DISTRIBUTE_KINDS = ("none", "auto", "mirrored", "multiworker")
 AUTO_MINUTES = 8.5  # the whole run on flower_photos (3,670 photos, 2 cores) stays under 10 minutes (small copy: 8:18-8:31)
 AUTO_EPOCHS = (10, 25)  # the fewest and the most epochs it chooses (25: the Quickstart on digits stays near a minute)
 AUTO_EPOCHS_ON_CLUSTERS = 20  # several workers cannot follow one worker's clock
+# Without --batch_size: 32 images a step up to 96 pixels; above, fewer, so that a step
+# holds no more pixels than 32 images of 96. The activations kept for back-propagation
+# grow with the pixels of a step and set training's peak memory: at 112 pixels, batch 32
+# peaked at 1.27 GB on flower_photos, batch 16 at 1.10 GB (bench/README.md).
+AUTO_BATCH, AUTO_BATCH_SIDE = 32, 96
+
+
+def auto_batch_size(image_size: int) -> int:
+    """The default batch for ``image_size``: 32 up to 96 pixels, then fewer (a multiple of 8, at least 8)."""
+    fitting = AUTO_BATCH * AUTO_BATCH_SIDE**2 // image_size**2
+    return max(8, min(AUTO_BATCH, fitting // 8 * 8))
 
 
 class SettingError(UsageError):
@@ -60,9 +71,13 @@ class TrainConfig:
         f"epochs to train; the learning rate decays to zero over them, early stopping may end sooner (default: as many "
         f"as fit in the time budget, {AUTO_EPOCHS[0]} to {AUTO_EPOCHS[1]}, chosen from the second epoch's speed)",
     )
-    batch_size: int = setting(32, "images per training step (and per prediction batch in test mode)")
+    batch_size: int | None = setting(
+        None,
+        f"images per training step, and per prediction batch in test mode (default: {AUTO_BATCH}, fewer above "
+        f"{AUTO_BATCH_SIDE} pixels so that a step holds no more pixels: 16 at 112)",
+    )
     image_size: int | None = setting(
-        None, "training image side in pixels (default: the median short side of the images, in 32-96)"
+        None, "training image side in pixels (default: the median short side of the images, in 32-112)"
     )
     learning_rate: float = setting(2e-3, "peak learning rate, reached after the warmup, then decayed to zero by a cosine")
     warmup: float = setting(0.05, "fraction of training spent warming the learning rate up from zero")
@@ -99,7 +114,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs is not None:
             at_least("epochs", self.epochs, 1)
-        at_least("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:
+            at_least("batch_size", self.batch_size, 1)
         at_least("patience", self.patience, 1)
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
             raise SettingError(("image_size",), f"must be between 16 and 1024 pixels, not {self.image_size}")
@@ -113,6 +129,10 @@ class TrainConfig:
             raise SettingError(("class_weight",), f"must be none or auto, not {self.class_weight}")
         if self.distribute not in DISTRIBUTE_KINDS:
             raise SettingError(("distribute",), f"must be one of {', '.join(DISTRIBUTE_KINDS)}, not {self.distribute}")
+
+    def batch_for(self, image_size: int) -> int:
+        """--batch_size, else the default for ``image_size`` (:func:`auto_batch_size`)."""
+        return self.batch_size or auto_batch_size(image_size)
 
     @property
     def budget_minutes(self) -> float | None:

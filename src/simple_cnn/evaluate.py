@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data, explain, interrupts, metrics, plots, report
-from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, TrainConfig
+from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, auto_batch_size
 from .errors import DataError
 from .files import atomic_output, ensure_writable_dir, write_json
 from .formats import load_model, read_fingerprints, read_metadata
@@ -24,7 +24,7 @@ def evaluate(
     dataset_path,
     model_path=DEFAULT_MODEL,
     images_dir=DEFAULT_IMAGES_DIR,
-    batch_size: int = TrainConfig.batch_size,
+    batch_size: int | None = None,
     cache_dir=None,
     min_confidence: float = ClassifyConfig.min_confidence,
 ) -> TestResult:
@@ -60,7 +60,8 @@ def evaluate(
 
     with interrupts.deferred():  # TensorFlow works: a signal waits for a safe point
         model, _ = load_model(model_path)
-        views = view_probabilities(model, data.make_tf_dataset(x, y, batch_size), callbacks=[interrupts.safe_points()])
+        batches = data.make_tf_dataset(x, y, batch_size or auto_batch_size(metadata["image_size"]))
+        views = view_probabilities(model, batches, callbacks=[interrupts.safe_points()])
     probabilities = views.mean(axis=1)  # the network's output: the mean over the image and its mirror
     result = score(views, y, metadata, min_confidence, str(model_path), dataset)
     predicted = probabilities.argmax(axis=1)

@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -74,6 +74,7 @@ def train(
     config = config or TrainConfig()
     with RunState(model_path, distribute.worker_suffix(config.distribute)).lock() as run:
         dataset, image_size = scan(Path(dataset_path), config)
+        config = replace(config, batch_size=config.batch_for(image_size))  # recorded as used
         cluster = distribute.make_cluster(config.distribute)
         for line in cluster.describe():
             log.info(line)
