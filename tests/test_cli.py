@@ -34,7 +34,7 @@ def test_help_lists_every_flag_with_examples(tmp_path):
         "--verbose",
     ):
         assert flag in result.stdout
-    assert "(default: 32)" in result.stdout and "models/cnn_model.keras" in result.stdout
+    assert "(default: 42)" in result.stdout and "models/cnn_model.keras" in result.stdout
     for mode in ("--mode train", "--mode test", "--mode classify"):
         assert mode in result.stdout.split("examples:")[1]
 
