@@ -173,7 +173,7 @@ def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, 
     }
 
 
-def run_feeds(dataset: Path, image_size: int, batch_size: int | None = None, steps: int = 15, rounds: int = 12) -> dict:
+def run_feeds(dataset: Path, image_size: int, steps: int = 15, rounds: int = 12) -> dict:
     """Steady-state training images/s of our model fed three ways (runs in its own process):
     ``memory`` repeats one batch already in memory as a float32 tensor (the ideal feed);
     ``pipeline`` is our tf.data pipeline over the decoded uint8 cache in RAM (the default);
@@ -188,7 +188,7 @@ def run_feeds(dataset: Path, image_size: int, batch_size: int | None = None, ste
     from simple_cnn import data
     from simple_cnn.config import auto_batch_size
 
-    batch_size = batch_size or auto_batch_size(image_size)  # the batch training uses at this size
+    batch_size = auto_batch_size(image_size)  # the batch training uses at this size
     from simple_cnn.model import build_model
     from simple_cnn.quiet import import_keras, import_tensorflow
 

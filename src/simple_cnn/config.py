@@ -25,7 +25,8 @@ AUTO_EPOCHS_ON_CLUSTERS = 20  # several workers cannot follow one worker's clock
 # Without --batch_size: 32 images a step up to 96 pixels; above, fewer, so that a step
 # holds no more pixels than 32 images of 96. The activations kept for back-propagation
 # grow with the pixels of a step and set training's peak memory: at 112 pixels, batch 32
-# peaked at 1.27 GB on flower_photos, batch 16 at 1.10 GB (bench/README.md).
+# peaked at 1,268,056 KiB (1.30 GB) on flower_photos-small, batch 16 at 1,078,580 KiB
+# (1.10 GB) (bench/README.md, "Tried after the 1x1 layer").
 AUTO_BATCH, AUTO_BATCH_SIDE = 32, 96
 
 
@@ -74,7 +75,7 @@ class TrainConfig:
     batch_size: int | None = setting(
         None,
         f"images per training step, and per prediction batch in test mode (default: {AUTO_BATCH}, fewer above "
-        f"{AUTO_BATCH_SIDE} pixels so that a step holds no more pixels: 16 at 112)",
+        f"{AUTO_BATCH_SIDE} pixels so that a step holds no more pixels: {auto_batch_size(112)} at 112)",
     )
     image_size: int | None = setting(
         None, "training image side in pixels (default: the median short side of the images, in 32-112)"

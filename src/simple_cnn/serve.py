@@ -131,8 +131,8 @@ class Model:
         self.metadata = read_model_metadata(self.path)
         self.predictor = Predictor(self.path, self.metadata)
         self.classify = classify
-        # LiteRT's time grows with the batch (1.25 ms for one image, 11.1 ms for 8, bench/README.md):
-        # batching would only enlarge its memory arena; Keras' time is mostly per call.
+        # LiteRT's time grows with the batch (1.28 ms for one image, 11.25 ms for 8: bench/serve_bench.py),
+        # so batching would only enlarge its memory arena; Keras' time is mostly per call (README, "--mode serve").
         self.batcher = Batcher(self.predictor, max_images=1 if self.predictor.runtime == "litert" else 64)
 
     def probabilities(self, images: list[bytes]) -> np.ndarray:
