@@ -187,12 +187,11 @@ def run_feeds(dataset: Path, image_size: int, steps: int = 15, rounds: int = 12)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from simple_cnn import data
     from simple_cnn.config import auto_batch_size
-
-    batch_size = auto_batch_size(image_size)  # the batch training uses at this size
     from simple_cnn.model import build_model
     from simple_cnn.quiet import import_keras, import_tensorflow
 
     keras, tf = import_keras(), import_tensorflow()
+    batch_size = auto_batch_size(image_size)  # the batch training uses at this size
     ds = data.scan_dataset(dataset)
     records = ds.split("train")
     t = time.monotonic()
