@@ -143,6 +143,7 @@ USAGE_ERRORS = [
     (["--mode", "train", "--val_split", "0.5", "--test_split", "0.5"], "below 1"),
     (["--mode", "classify"], "--single_image_path"),
     (["--mode", "train", "--max_minutes", "0"], "--max_minutes"),
+    (["--mode", "train", "--hold", "1"], "--hold"),
     (["--mode", "predict"], "--mode"),
     (["--epochs", "3"], "--mode"),
 ]

@@ -221,13 +221,13 @@ def test_without_epochs_training_fills_its_budget_within_the_bounds():
     assert _fit_timed([auto_epochs(hard, _NoRunState()), time_budget(hard)], high, 0.1) < low
 
 
-def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
+def test_learning_rate_warms_up_is_held_then_decays_to_zero_by_epochs_or_by_the_clock():
     from simple_cnn.quiet import import_keras
     from simple_cnn.train import Plan, learning_rate_schedule
 
     keras = import_keras()
 
-    def rates(minutes):
+    def rates(minutes, hold=0.0):
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.Adam(0.5), loss="mse")
         seen = []
@@ -235,7 +235,7 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
             on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate))
         )
         x = np.zeros((40, 2), "float32")
-        schedule = learning_rate_schedule(1.0, Plan(4, minutes and minutes * 60), warmup=0.25)
+        schedule = learning_rate_schedule(1.0, Plan(4, minutes and minutes * 60), warmup=0.25, hold=hold)
         model.fit(x, x[:, :1], batch_size=4, epochs=4, verbose=0, callbacks=[schedule, record])  # 10 steps an epoch
         return np.array(seen)
 
@@ -246,6 +246,9 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_epochs_or_by_the_clock():
     assert np.all(np.diff(by_epochs[10:]) < 0) and by_epochs[-1] < 0.01  # cosine decay towards zero
     by_clock = rates(1e-9)  # a budget already spent: the clock says training is over
     assert np.all(by_clock < 1e-6)
+    held = rates(None, hold=0.5)  # flat then cosine: the peak until half of training
+    np.testing.assert_allclose(held[:20], np.minimum(np.arange(20) / 10, 1.0))
+    np.testing.assert_allclose(held[20:], 0.5 * (1 + np.cos(np.pi * np.arange(20) / 20)), atol=1e-6)
 
 
 def test_a_released_pipeline_lets_go_of_its_arrays():

@@ -244,7 +244,7 @@ def fit(
     plan = plan_training(config, cluster, run)
     training_callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
-        learning_rate_schedule(learning_rate, plan, config.warmup),
+        learning_rate_schedule(learning_rate, plan, config.warmup, config.hold),
     ]
     if plan.epochs is None:
         training_callbacks.insert(0, auto_epochs(plan, run))
@@ -254,7 +254,8 @@ def fit(
         training_callbacks.append(tensorboard_log(Path(config.tensorboard_dir)))
     log.info(
         f"Training at {splits.x_train.shape[1]}x{splits.x_train.shape[2]} pixels, batch size {config.batch_size}, "
-        f"{plan.describe()}, learning rate warming up to {learning_rate:g} then decaying to zero "
+        f"{plan.describe()}, learning rate warming up to {learning_rate:g}, held to {max(config.warmup, config.hold):.0%} "
+        f"of training, then decaying to zero "
         f"(early stopping after {config.patience} epochs without improvement)"
     )
     train_ds = data.make_tf_dataset(
@@ -535,17 +536,19 @@ def tensorboard_log(log_dir: Path):
     return TensorBoardScalars()
 
 
-def learning_rate_schedule(peak: float, plan: Plan, warmup: float):
+def learning_rate_schedule(peak: float, plan: Plan, warmup: float, hold: float = 0.0):
     """A Keras callback setting the learning rate before every step: a linear warmup to
-    ``peak`` over the first ``warmup`` of training, then a cosine decay to zero.
+    ``peak`` over the first ``warmup`` of training, held there until ``hold`` of training
+    (if ``hold`` is larger), then a cosine decay to zero.
 
     Not Keras' ``CosineDecay``: it counts steps of a fixed total only, and this callback
     follows the ``plan``: its epochs (chosen during training when --epochs is not given)
     and its time budget. Progress is the larger of the epochs done and the budget used,
-    so a run cut short by its budget still ends at a small learning rate. (Why a cosine
-    schedule: bench/README.md, "How the recipe was chosen".)
+    so a run cut short by its budget still ends at a small learning rate. (Why this
+    schedule: bench/README.md, "How the recipe was chosen" and "Flat then cosine".)
     """
     keras = import_keras()
+    decay_from = max(warmup, hold)
 
     class CosineWithWarmup(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -561,8 +564,10 @@ def learning_rate_schedule(peak: float, plan: Plan, warmup: float):
             progress = min(progress, 1.0)
             if progress < warmup:
                 rate = peak * progress / warmup
+            elif progress < decay_from:
+                rate = peak
             else:
-                rate = peak * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+                rate = peak * 0.5 * (1 + math.cos(math.pi * (progress - decay_from) / (1 - decay_from)))
             self.model.optimizer.learning_rate.assign(rate)
 
     return CosineWithWarmup()
