@@ -536,7 +536,7 @@ def tensorboard_log(log_dir: Path):
     return TensorBoardScalars()
 
 
-def learning_rate_schedule(peak: float, plan: Plan, warmup: float, hold: float = 0.0):
+def learning_rate_schedule(peak: float, plan: Plan, warmup: float, hold: float):
     """A Keras callback setting the learning rate before every step: a linear warmup to
     ``peak`` over the first ``warmup`` of training, held there until ``hold`` of training
     (if ``hold`` is larger), then a cosine decay to zero.
