@@ -200,30 +200,67 @@ class _NoRunState:
 
 
 def test_without_epochs_training_fills_its_budget_within_the_bounds():
-    """The epochs are chosen after the second from its speed: as many as fit in the budget, 10 to 30."""
+    """The epochs are chosen after the second from its speed: as many as fit in the budget, 10 to 25."""
     from simple_cnn.config import AUTO_EPOCHS
     from simple_cnn.train import Plan, auto_epochs, time_budget
 
     low, high = AUTO_EPOCHS
-    roomy, run = Plan(None, 60.0), _NoRunState()  # 600 epochs of 0.1 s would fit: the most, 30
-    assert _fit_timed([auto_epochs(roomy, run)], epochs=high, seconds_per_epoch=0.1) == high
+    roomy, run = Plan(None, 60.0), _NoRunState()  # 600 epochs of 0.1 s would fit: the most, 25
+    assert _fit_timed([auto_epochs(roomy, run, 0.05)], epochs=high, seconds_per_epoch=0.1) == high
     assert roomy.epochs == run.remembered == high
 
     between = Plan(None, 2.5, soft=True)  # about 15 epochs of 0.1 s fit after the first two (fewer on a busy machine)
-    ran = _fit_timed([auto_epochs(between, _NoRunState()), time_budget(between)], high, 0.1)
+    ran = _fit_timed([auto_epochs(between, _NoRunState(), 0.05), time_budget(between)], high, 0.1)
     assert low <= between.epochs < high and ran <= between.epochs
 
     tight = Plan(None, 0.5, soft=True)  # only a few fit: the default budget gives way to the fewest epochs
-    assert _fit_timed([auto_epochs(tight, _NoRunState()), time_budget(tight)], high, 0.1) == low
+    assert _fit_timed([auto_epochs(tight, _NoRunState(), 0.05), time_budget(tight)], high, 0.1) == low
     assert tight.epochs == low and tight.seconds is None
 
     hard = Plan(None, 0.5)  # an explicit --max_minutes does not give way
-    assert _fit_timed([auto_epochs(hard, _NoRunState()), time_budget(hard)], high, 0.1) < low
+    assert _fit_timed([auto_epochs(hard, _NoRunState(), 0.05), time_budget(hard)], high, 0.1) < low
+
+
+def test_while_the_learning_rate_is_held_the_epochs_follow_the_machine_s_speed():
+    """Until the decay starts, the epochs are chosen again after every epoch: a machine
+    that speeds up gets more of them; once the decay would start, or without a hold, the
+    choice stays."""
+    from simple_cnn.config import AUTO_EPOCHS
+    from simple_cnn.train import Plan, auto_epochs
+
+    low, high = AUTO_EPOCHS
+    speeding_up = [0.25, 0.25, 0.25] + [0.04] * (high - 3)  # about 16 epochs fit at the second's speed
+
+    def chosen(settle_at: float) -> tuple[Plan, int, _NoRunState]:
+        plan, run = Plan(None, 4.0, soft=True), _NoRunState()
+        return plan, _fit_varying([auto_epochs(plan, run, settle_at)], speeding_up), run
+
+    held, ran, run = chosen(settle_at=0.5)
+    assert held.epochs == ran == run.remembered == high  # the faster epochs leave time for the most
+    not_held, ran, _ = chosen(settle_at=0.05)  # the decay starts after the warmup: the first choice stays
+    assert low <= not_held.epochs == ran < high
+
+
+def _fit_varying(callbacks, seconds_per_epoch: list[float]) -> int:
+    """:func:`_fit_timed` with each epoch taking its own time; the epochs run."""
+    import time
+
+    from simple_cnn.quiet import import_keras
+
+    keras = import_keras()
+    model, sleeping = _one_weight_model(), {}
+    slow = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: sleeping.update(seconds=seconds_per_epoch[epoch] / 2),
+        on_train_batch_end=lambda b, logs: time.sleep(sleeping["seconds"]),
+    )
+    x = np.zeros((8, 2), "float32")
+    history = model.fit(x, x[:, :1], batch_size=4, epochs=len(seconds_per_epoch), verbose=0, callbacks=[*callbacks, slow])
+    return len(history.history["loss"])
 
 
 def test_learning_rate_warms_up_is_held_then_decays_to_zero_by_epochs_or_by_the_clock():
     from simple_cnn.quiet import import_keras
-    from simple_cnn.train import Plan, learning_rate_schedule
+    from simple_cnn.train import Plan, decay_start, learning_rate_schedule
 
     keras = import_keras()
 
@@ -235,7 +272,7 @@ def test_learning_rate_warms_up_is_held_then_decays_to_zero_by_epochs_or_by_the_
             on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate))
         )
         x = np.zeros((40, 2), "float32")
-        schedule = learning_rate_schedule(1.0, Plan(4, minutes and minutes * 60), warmup=0.25, hold=hold)
+        schedule = learning_rate_schedule(1.0, Plan(4, minutes and minutes * 60), 0.25, decay_start(0.25, hold))
         model.fit(x, x[:, :1], batch_size=4, epochs=4, verbose=0, callbacks=[schedule, record])  # 10 steps an epoch
         return np.array(seen)
 

@@ -242,19 +242,20 @@ def fit(
     global_batch, learning_rate = cluster.scale(config.batch_size, config.learning_rate)
     weights = class_weights(splits.y_train, model.output_shape[-1]) if config.class_weight == "auto" else None
     plan = plan_training(config, cluster, run)
+    decay_from = decay_start(config.warmup, config.hold)
     training_callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
-        learning_rate_schedule(learning_rate, plan, config.warmup, config.hold),
+        learning_rate_schedule(learning_rate, plan, config.warmup, decay_from),
     ]
     if plan.epochs is None:
-        training_callbacks.insert(0, auto_epochs(plan, run))
+        training_callbacks.insert(0, auto_epochs(plan, run, decay_from))
     if plan.seconds:
         training_callbacks.insert(0, time_budget(plan))
     if config.tensorboard_dir and cluster.is_chief:
         training_callbacks.append(tensorboard_log(Path(config.tensorboard_dir)))
     log.info(
         f"Training at {splits.x_train.shape[1]}x{splits.x_train.shape[2]} pixels, batch size {config.batch_size}, "
-        f"{plan.describe()}, learning rate warming up to {learning_rate:g}, held to {max(config.warmup, config.hold):.0%} "
+        f"{plan.describe()}, learning rate warming up to {learning_rate:g}, held to {decay_from:.0%} "
         f"of training, then decaying to zero "
         f"(early stopping after {config.patience} epochs without improvement)"
     )
@@ -437,39 +438,54 @@ def plan_training(config: TrainConfig, cluster: distribute.Cluster, run: RunStat
     return Plan(None, seconds, soft=config.max_minutes is None)
 
 
-def auto_epochs(plan: Plan, run: RunState):
+def auto_epochs(plan: Plan, run: RunState, settle_at: float):
     """A Keras callback that chooses ``plan.epochs`` and stops training after them.
 
     After the second epoch this process runs (the first also builds the graphs), it
     chooses as many epochs as fit in the budget at that epoch's speed, within
-    ``AUTO_EPOCHS``. When even the fewest do not fit and the budget is the default
+    ``AUTO_EPOCHS``. When even the fewest do not fit then and the budget is the default
     (``plan.soft``), the budget gives way: a large dataset trains its fewest epochs
-    rather than stopping half-trained. The choice is kept in the run's state, so that a
-    resumed run keeps it.
+    rather than stopping half-trained.
+
+    Until ``settle_at`` of the chosen epochs (where the learning rate starts to decay:
+    before it, the rate does not depend on their number), it chooses again after every
+    epoch, at the median speed of the last three: a machine that speeds up gets the
+    epochs it has time for, one that slows down fewer, never so few that the decay would
+    have begun already. Each choice is kept in the run's state, so that a resumed run
+    keeps it.
     """
     keras = import_keras()
     low, high = AUTO_EPOCHS
 
     class AutoEpochs(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            self.started, self.timed = time.monotonic(), 0
+            self.started, self.lengths = time.monotonic(), []
 
         def on_epoch_begin(self, epoch, logs=None):
             self.began = time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
-            self.timed += 1
-            if plan.epochs is None and self.timed == 2:
-                now = time.monotonic()
-                seconds, left = now - self.began, plan.seconds - (now - self.started)
-                fitting = epoch + 1 + max(0, int(left // seconds))
-                plan.epochs = min(high, max(low, fitting))
-                if plan.epochs > fitting and plan.soft:
-                    plan.seconds = None
-                run.remember_epochs(plan.epochs)
-                log.info(f"Training for {plan.epochs} epochs: {seconds:.1f} s an epoch ({plan.describe()})")
-            if plan.epochs is not None and epoch + 1 >= plan.epochs:
+            now, done = time.monotonic(), epoch + 1
+            self.lengths.append(now - self.began)
+            first_choice = plan.epochs is None and len(self.lengths) == 2
+            revising = plan.epochs is not None and plan.seconds and done < settle_at * plan.epochs
+            if first_choice or revising:
+                self.choose(done, now)
+            if plan.epochs is not None and done >= plan.epochs:
                 self.model.stop_training = True
+
+        def choose(self, done: int, now: float):
+            seconds = float(np.median(self.lengths[1:][-3:]))  # not the first: it also built the graphs
+            fitting = done + max(0, int((plan.seconds - (now - self.started)) // seconds))
+            epochs = max(low, min(high, fitting), math.ceil(done / settle_at) if plan.epochs else 0)
+            if epochs == plan.epochs:
+                return
+            first, plan.epochs = plan.epochs is None, epochs
+            if first and low > fitting and plan.soft:
+                plan.seconds = None
+            run.remember_epochs(plan.epochs)
+            now_or_not = "" if first else " now"
+            log.info(f"Training for {plan.epochs} epochs{now_or_not}: {seconds:.1f} s an epoch ({plan.describe()})")
 
     return AutoEpochs()
 
@@ -536,10 +552,16 @@ def tensorboard_log(log_dir: Path):
     return TensorBoardScalars()
 
 
-def learning_rate_schedule(peak: float, plan: Plan, warmup: float, hold: float):
+def decay_start(warmup: float, hold: float) -> float:
+    """The fraction of training where the learning rate starts to decay: the end of the
+    warmup, or of the hold (--hold) if that is later."""
+    return max(warmup, hold)
+
+
+def learning_rate_schedule(peak: float, plan: Plan, warmup: float, decay_from: float):
     """A Keras callback setting the learning rate before every step: a linear warmup to
-    ``peak`` over the first ``warmup`` of training, held there until ``hold`` of training
-    (if ``hold`` is larger), then a cosine decay to zero.
+    ``peak`` over the first ``warmup`` of training, held there until ``decay_from`` of
+    training (:func:`decay_start`), then a cosine decay to zero.
 
     Not Keras' ``CosineDecay``: it counts steps of a fixed total only, and this callback
     follows the ``plan``: its epochs (chosen during training when --epochs is not given)
@@ -548,7 +570,6 @@ def learning_rate_schedule(peak: float, plan: Plan, warmup: float, hold: float):
     schedule: bench/README.md, "How the recipe was chosen" and "Flat then cosine".)
     """
     keras = import_keras()
-    decay_from = max(warmup, hold)
 
     class CosineWithWarmup(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
