@@ -194,6 +194,31 @@ def test_time_budget_stops_before_an_epoch_would_overrun():
     assert 2 <= epochs_run(0.65) <= 4 and epochs_run(600) == 10
 
 
+def test_early_stopping_counts_only_the_epochs_of_the_decay():
+    """A validation loss that never improves stops training ``patience`` epochs after the
+    decay starts, not after the first epochs at the held peak; the start follows the plan."""
+    from simple_cnn.train import Plan, early_stopping
+
+    class FakeModel:
+        stop_training = False
+
+    def stopped_after(plan: Plan, choose_at: int | None = None, epochs: int | None = None) -> int:
+        stopper, model = early_stopping(3, plan, decay_from=0.5), FakeModel()
+        stopper.set_model(model)
+        stopper.on_train_begin()
+        for epoch in range(30):
+            if epoch == choose_at:
+                plan.epochs = epochs
+            stopper.on_epoch_end(epoch, {"val_loss": 1.0})
+            if model.stop_training:
+                return epoch + 1
+        return 30
+
+    assert stopped_after(Plan(20)) == 14  # the decay from epoch 11 (index 10): its loss, then 3 without a lower one
+    assert stopped_after(Plan(None), choose_at=2, epochs=12) == 10  # chosen during training: the decay from index 6
+    assert stopped_after(Plan(None)) == 16  # not chosen: the most epochs (25), the decay from index 12
+
+
 class _NoRunState:
     def remember_epochs(self, epochs):
         self.remembered = epochs

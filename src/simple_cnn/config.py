@@ -89,7 +89,9 @@ class TrainConfig:
     # each of 4 seeds and raised accuracy with 3 (bench/README.md, "Flat then cosine").
     hold: float = setting(0.5, "fraction of training (warmup included) before the learning rate starts to decay")
     weight_decay: float = setting(0.05, "AdamW's decoupled weight decay")
-    patience: int = setting(10, "epochs without a lower validation loss before training stops early")
+    patience: int = setting(
+        10, "epochs without a lower validation loss before training stops early, counted once the learning rate decays"
+    )
     val_split: float = setting(0.15, "fraction of images for validation (chooses the best epoch)")
     test_split: float = setting(0.15, "fraction of images held out for --mode test")
     seed: int = setting(42, "random seed for weights, shuffling and augmentation")

@@ -238,13 +238,12 @@ def fit(
 
     Afterwards ``model`` holds the best epoch's weights.
     """
-    keras = import_keras()
     global_batch, learning_rate = cluster.scale(config.batch_size, config.learning_rate)
     weights = class_weights(splits.y_train, model.output_shape[-1]) if config.class_weight == "auto" else None
     plan = plan_training(config, cluster, run)
     decay_from = decay_start(config.warmup, config.hold)
     training_callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
+        early_stopping(config.patience, plan, decay_from),
         learning_rate_schedule(learning_rate, plan, config.warmup, decay_from),
     ]
     if plan.epochs is None:
@@ -257,7 +256,7 @@ def fit(
         f"Training at {splits.x_train.shape[1]}x{splits.x_train.shape[2]} pixels, batch size {config.batch_size}, "
         f"{plan.describe()}, learning rate warming up to {learning_rate:g}, held to {decay_from:.0%} "
         f"of training, then decaying to zero "
-        f"(early stopping after {config.patience} epochs without improvement)"
+        f"(early stopping after {config.patience} epochs without improvement, counted once it decays)"
     )
     train_ds = data.make_tf_dataset(
         splits.x_train, splits.y_train, global_batch, shuffle=True, seed=config.seed, in_graph=cluster.in_graph
@@ -488,6 +487,23 @@ def auto_epochs(plan: Plan, run: RunState, settle_at: float):
             log.info(f"Training for {plan.epochs} epochs{now_or_not}: {seconds:.1f} s an epoch ({plan.describe()})")
 
     return AutoEpochs()
+
+
+def early_stopping(patience: int, plan: Plan, decay_from: float):
+    """Keras' ``EarlyStopping`` on the validation loss, counting only the epochs from
+    where the learning rate starts to decay (``decay_from`` of ``plan.horizon``, which may
+    change while the epochs are chosen): at the held peak rate the validation loss
+    wanders, and the epochs that lower it most are the decaying ones, so stopping before
+    them would end training at its worst point. (Keras' ``start_from_epoch`` is fixed
+    when the callback is made; here it follows the plan.)"""
+    keras = import_keras()
+
+    class EarlyStoppingAfterTheHold(keras.callbacks.EarlyStopping):
+        def on_epoch_end(self, epoch, logs=None):
+            self.start_from_epoch = math.floor(decay_from * plan.horizon)
+            super().on_epoch_end(epoch, logs)
+
+    return EarlyStoppingAfterTheHold(monitor="val_loss", mode="min", patience=patience)
 
 
 def time_budget(plan: Plan):
