@@ -246,41 +246,44 @@ def test_without_epochs_training_fills_its_budget_within_the_bounds():
     assert _fit_timed([auto_epochs(hard, _NoRunState(), 0.05), time_budget(hard)], high, 0.1) < low
 
 
-def test_while_the_learning_rate_is_held_the_epochs_follow_the_machine_s_speed():
+def test_while_the_learning_rate_is_held_the_epochs_follow_the_machine_s_speed(monkeypatch):
     """Until the decay starts, the epochs are chosen again after every epoch: a machine
-    that speeds up gets more of them; once the decay would start, or without a hold, the
-    choice stays."""
-    from simple_cnn.config import AUTO_EPOCHS
-    from simple_cnn.train import Plan, auto_epochs
+    that speeds up gets more of them, one that slows down fewer, but never so few that
+    the decay would have begun; without a hold the first choice stays. The callback reads
+    a clock the test moves, so a busy machine cannot change what it sees."""
+    import types
 
-    low, high = AUTO_EPOCHS
-    speeding_up = [0.25, 0.25, 0.25] + [0.04] * (high - 3)  # about 16 epochs fit at the second's speed
+    from simple_cnn import train
 
-    def chosen(settle_at: float) -> tuple[Plan, int, _NoRunState]:
-        plan, run = Plan(None, 4.0, soft=True), _NoRunState()
-        return plan, _fit_varying([auto_epochs(plan, run, settle_at)], speeding_up), run
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
 
-    held, ran, run = chosen(settle_at=0.5)
+    class FakeModel:
+        stop_training = False
+
+    def epochs_run(settle_at: float, lengths: list[float]) -> tuple[train.Plan, int, _NoRunState]:
+        plan, run, model = train.Plan(None, 4.0, soft=True), _NoRunState(), FakeModel()
+        chooser = train.auto_epochs(plan, run, settle_at)
+        chooser.set_model(model)
+        chooser.on_train_begin()
+        for epoch, seconds in enumerate(lengths):
+            chooser.on_epoch_begin(epoch)
+            clock.now += seconds
+            chooser.on_epoch_end(epoch)
+            if model.stop_training:
+                return plan, epoch + 1, run
+        return plan, len(lengths), run
+
+    low, high = train.AUTO_EPOCHS
+    speeding_up = [0.25] * 3 + [0.04] * (high - 3)  # 16 epochs fit at the second's speed
+    held, ran, run = epochs_run(0.5, speeding_up)
     assert held.epochs == ran == run.remembered == high  # the faster epochs leave time for the most
-    not_held, ran, _ = chosen(settle_at=0.05)  # the decay starts after the warmup: the first choice stays
-    assert low <= not_held.epochs == ran < high
+    not_held, ran, run = epochs_run(0.05, speeding_up)  # the decay starts after the warmup: the first choice stays
+    assert not_held.epochs == ran == run.remembered == 16
 
-
-def _fit_varying(callbacks, seconds_per_epoch: list[float]) -> int:
-    """:func:`_fit_timed` with each epoch taking its own time; the epochs run."""
-    import time
-
-    from simple_cnn.quiet import import_keras
-
-    keras = import_keras()
-    model, sleeping = _one_weight_model(), {}
-    slow = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: sleeping.update(seconds=seconds_per_epoch[epoch] / 2),
-        on_train_batch_end=lambda b, logs: time.sleep(sleeping["seconds"]),
-    )
-    x = np.zeros((8, 2), "float32")
-    history = model.fit(x, x[:, :1], batch_size=4, epochs=len(seconds_per_epoch), verbose=0, callbacks=[*callbacks, slow])
-    return len(history.history["loss"])
+    slowing_down = [0.1] * 6 + [1.0] * (high - 6)  # after 8 epochs only 9 fit, but the decay starts at 16
+    slowed, ran, run = epochs_run(0.5, slowing_down)
+    assert slowed.epochs == ran == run.remembered == 16 and low < 16 < high
 
 
 def test_learning_rate_warms_up_is_held_then_decays_to_zero_by_epochs_or_by_the_clock():
