@@ -474,12 +474,14 @@ def auto_epochs(plan: Plan, run: RunState, settle_at: float):
                 self.model.stop_training = True
 
         def choose(self, done: int, now: float):
+            first = plan.epochs is None
             seconds = float(np.median(self.lengths[1:][-3:]))  # not the first: it also built the graphs
             fitting = done + max(0, int((plan.seconds - (now - self.started)) // seconds))
-            epochs = max(low, min(high, fitting), math.ceil(done / settle_at) if plan.epochs else 0)
+            decay_not_begun = 0 if first else math.ceil(done / settle_at)
+            epochs = max(low, min(high, fitting), decay_not_begun)
             if epochs == plan.epochs:
                 return
-            first, plan.epochs = plan.epochs is None, epochs
+            plan.epochs = epochs
             if first and low > fitting and plan.soft:
                 plan.seconds = None
             run.remember_epochs(plan.epochs)
