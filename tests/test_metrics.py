@@ -51,6 +51,8 @@ def test_worst_mistakes_come_first():
 
 
 def test_test_mode_reports_uncertainty_calibration_and_mistakes(tiny_model, tmp_path):
+    from simple_cnn.formats import read_metadata
+
     work, images = tiny_model.parent.parent, tmp_path / "images"  # a barely trained model: it makes mistakes
     args = ("--mode", "test", "--model_file_path", tiny_model, "--dataset_path", "ds", "--images_dir", images)
     result = run_cli(*args, "--min_confidence", "0.6", "--json", cwd=work)
@@ -61,7 +63,9 @@ def test_test_mode_reports_uncertainty_calibration_and_mistakes(tiny_model, tmp_
     assert 0 <= m["balanced_accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
     assert m["top_k_accuracy"]["k"] == 2 and m["top_k_accuracy"]["accuracy"] >= m["accuracy"]
     assert 0 <= m["calibration"]["ece"] <= 1
-    assert m["calibration"]["temperature"] is None and m["calibration"]["ece_uncalibrated"] is None  # not --calibrate
+    # 45 images leave too few for validation to fit a temperature: the network was not calibrated
+    assert m["calibration"]["temperature"] is None and m["calibration"]["ece_uncalibrated"] is None
+    assert read_metadata(tiny_model)["training"]["config"]["calibrate"] is False
     assert 0 <= m["coverage"] <= 1 and m["min_confidence"] == 0.6
     on_disk = json.loads((images / "metrics.json").read_text())
     assert on_disk["accuracy_interval"] == m["accuracy_interval"]
@@ -141,13 +145,29 @@ def test_temperature_baked_into_the_network_equals_rescaled_views(mirror):
         assert np.abs(after - metrics.rescale(before, 0.5)).max() > 1e-3
 
 
-def test_calibrate_records_the_temperature_and_test_mode_reports_both_errors(tmp_path):
+def test_calibrate_is_decided_by_the_validation_split_unless_a_flag_says():
+    from simple_cnn.cli import build_parser
+    from simple_cnn.config import CALIBRATION_MIN_IMAGES, TrainConfig
+
+    def parsed(*flags):
+        return build_parser().parse_args(["--mode", "train", *flags]).calibrate
+
+    assert (parsed(), parsed("--calibrate"), parsed("--no-calibrate")) == (None, True, False)
+    assert TrainConfig().calibrates(CALIBRATION_MIN_IMAGES) and not TrainConfig().calibrates(CALIBRATION_MIN_IMAGES - 1)
+    assert TrainConfig(calibrate=True).calibrates(5) and not TrainConfig(calibrate=False).calibrates(10**6)
+
+
+def test_a_large_enough_validation_split_is_calibrated_by_default_and_test_mode_reports_both_errors(tmp_path):
+    from simple_cnn.config import CALIBRATION_MIN_IMAGES
     from simple_cnn.formats import read_metadata
 
-    make_shapes_dataset(tmp_path / "ds", per_class=30)
-    train = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "3", "--calibrate", "--json", cwd=tmp_path)
+    make_shapes_dataset(tmp_path / "ds", per_class=70, size=24)
+    splits = ("--val_split", "0.6", "--test_split", "0.15")  # over 100 validation images from 210
+    train = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "3", *splits, "--json", cwd=tmp_path)
     assert train.returncode == 0, train.stderr
-    calibration = json.loads(train.stdout)["calibration"]
+    trained = json.loads(train.stdout)
+    assert trained["images_used"]["val"] >= CALIBRATION_MIN_IMAGES and trained["config"]["calibrate"] is True
+    calibration = trained["calibration"]
     assert calibration["val_ece_after"] <= calibration["val_ece_before"] and calibration["fitted_temperature"] > 0
     assert read_metadata(tmp_path / "models" / "cnn_model.keras")["calibration"] == calibration
     test = run_cli("--mode", "test", "--json", cwd=tmp_path)

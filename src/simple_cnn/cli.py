@@ -69,8 +69,9 @@ def _add_settings(group, config_class) -> None:
         kind = f.type
         if isinstance(kind, types.UnionType):  # e.g. int | None
             kind = next(t for t in kind.__args__ if t is not type(None))
-        if kind is bool:
-            group.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        if kind is bool:  # a default of None means "decided at run time": --flag and --no-flag both exist
+            action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+            group.add_argument(f"--{f.name}", action=action, default=f.default, help=f.metadata["help"])
         else:
             group.add_argument(
                 f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"]

@@ -89,9 +89,13 @@ def train(
                 return worker_result(cluster, splits, history, fit_seconds, steps_per_epoch, time.monotonic() - started)
             result = summarize(dataset, splits, image_size, config, cluster, history, model_path, fit_seconds, steps_per_epoch)
             result.config["epochs"] = epochs  # as chosen, when --epochs was not given
-            if config.calibrate:
+            result.config["calibrate"] = config.calibrates(len(splits.y_val))  # as decided, when not given
+            if result.config["calibrate"]:
                 interrupts.check()
                 result.calibration = calibrate(model, splits.x_val, splits.y_val, config.batch_size)
+            elif config.calibrate is None:
+                too_few = f"{len(splits.y_val)} validation images are too few to fit a temperature"
+                log.info(f"Not calibrated: {too_few} (--calibrate fits one)")
         with interrupts.deferred(finishing=True):  # a signal now lets the last files be written
             save_outputs(model, result, config, history, dataset, splits, images_dir)
             run.finish()
@@ -223,11 +227,13 @@ def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cl
 
 
 def run_identity(dataset: data.Dataset, config: TrainConfig, image_size: int) -> dict:
-    """What must match for a run to resume; --epochs, --max_minutes and --tensorboard_dir may change."""
+    """What must match for a run to resume; --epochs, --max_minutes, --tensorboard_dir and --calibrate
+    (which acts after training) may change."""
+    may_change = {"epochs": None, "max_minutes": None, "tensorboard_dir": None, "calibrate": None}
     return {
         "dataset_path": str(dataset.root.resolve()),
         "class_names": dataset.class_names,
-        "config": asdict(config) | {"image_size": image_size, "epochs": None, "max_minutes": None, "tensorboard_dir": None},
+        "config": asdict(config) | {"image_size": image_size} | may_change,
     }
 
 
