@@ -139,11 +139,11 @@ USAGE_ERRORS = [
     (["--mode", "train", "--epochs", "-3"], "--epochs"),
     (["--mode", "train", "--batch_size", "0"], "--batch_size"),
     (["--mode", "train", "--val_split", "1.5"], "--val_split"),
-    (["--mode", "train", "--test_split", "0"], "--test_split"),
+    (["--mode", "train", "--test_split", "0"], "--test_split must be a fraction above 0 and below 1"),
     (["--mode", "train", "--val_split", "0.5", "--test_split", "0.5"], "below 1"),
     (["--mode", "classify"], "--single_image_path"),
     (["--mode", "train", "--max_minutes", "0"], "--max_minutes"),
-    (["--mode", "train", "--hold", "1"], "--hold"),
+    (["--mode", "train", "--hold", "1"], "--hold must be a fraction at least 0 and below 1"),  # --hold 0 is allowed
     (["--mode", "predict"], "--mode"),
     (["--epochs", "3"], "--mode"),
 ]

@@ -64,7 +64,8 @@ def at_least(name: str, value, low) -> None:
 
 def fraction(name: str, value: float, *, zero_ok: bool = False) -> None:
     if not (0 <= value < 1 if zero_ok else 0 < value < 1):
-        raise SettingError((name,), f"must be a fraction between 0 and 1 (exclusive), not {value}")
+        bounds = "at least 0 and below 1" if zero_ok else "above 0 and below 1"
+        raise SettingError((name,), f"must be a fraction {bounds}, not {value}")
 
 
 @dataclass(frozen=True)
