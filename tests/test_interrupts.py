@@ -74,6 +74,8 @@ def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code, f
     args = ["--mode", "train", "--dataset_path", "ds", "--epochs", "8", "--batch_size", "6", "--json"]
     if fresh:  # fewer epochs are enough to show it starts over (--epochs may change between runs)
         args[args.index("8")] = "3"
+    else:  # --calibrate acts after training: adding it does not start the run over
+        args.append("--calibrate")
     again = run_cli(*args, *(["--fresh"] if fresh else []), cwd=work)
     assert again.returncode == 0, again.stderr
     epochs_now = sum("val_loss" in ln for ln in again.stderr.splitlines())
@@ -84,6 +86,7 @@ def test_killed_training_resumes_from_its_last_epoch(small_dataset, sig, code, f
         assert resumed, again.stderr
         resumed_after = int(resumed.group(1))
         assert resumed_after >= 2 and epochs_now <= 8 - resumed_after
+        assert json.loads(again.stdout)["calibration"]["fitted_temperature"] > 0
     assert json.loads(again.stdout)["epochs_run"] == (3 if fresh else 8)  # resumed, the history spans both runs
     assert not (work / "models" / ".cnn_model.keras.training").exists()
 
