@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from simple_cnn import data, duplicates  # noqa: E402
+from simple_cnn import duplicates  # noqa: E402
+from simple_cnn.dataset import ImageDataset  # noqa: E402
+from simple_cnn.images import decode_images, read_image  # noqa: E402
 
 
 def timed(fn, *args):
@@ -33,11 +35,11 @@ def timed(fn, *args):
 
 
 def on_dataset(path: Path, image_size: int | None) -> None:
-    dataset = data.scan_dataset(path)
-    size = image_size or data.auto_image_size(dataset)
+    dataset = ImageDataset.scan(path)
+    size = image_size or dataset.auto_image_size()
     records = dataset.images
     paths = [dataset.root / r.relpath for r in records]
-    (x, _), decode = timed(data.decode_images, paths, size)
+    (x, _), decode = timed(decode_images, paths, size)
     groups, identical = timed(duplicates.identical_files, paths, [r.nbytes for r in records])
     (hashes, thumbnails), signing = timed(duplicates.signatures, x)
     pairs, comparing = timed(duplicates.near_pairs, hashes, thumbnails)
@@ -75,10 +77,10 @@ def _crop(im, f):
 
 def robustness(path: Path, image_size: int | None, every: int) -> None:
     """How many altered copies of every ``every``-th image are found, and false matches between the originals."""
-    dataset = data.scan_dataset(path)
-    size = image_size or data.auto_image_size(dataset)
+    dataset = ImageDataset.scan(path)
+    size = image_size or dataset.auto_image_size()
     paths = [dataset.root / r.relpath for r in dataset.images]
-    x, _ = data.decode_images(paths, size)
+    x, _ = decode_images(paths, size)
     hashes, thumbnails = duplicates.signatures(x)
     false = len(duplicates.near_pairs(hashes, thumbnails))
     print(f"robustness at {size}x{size}: near-copy pairs between the {len(x)} originals: {false}")
@@ -90,7 +92,7 @@ def robustness(path: Path, image_size: int | None, every: int) -> None:
                 with Image.open(paths[i]) as im:
                     target = Path(tmp) / f"{n}.png"
                     alter(im.convert("RGB")).save(target)
-                copies.append(data.read_image(target, size))
+                copies.append(read_image(target, size))
             h, t = duplicates.signatures(np.stack(copies))
             found = 0
             for n, i in enumerate(chosen):

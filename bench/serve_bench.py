@@ -117,8 +117,8 @@ def load(server: Server, body: bytes, path: str, clients: int, seconds: float, t
 def interpreter_times(model: Path, repeats: int = 50) -> str:
     """Milliseconds per LiteRT call at batch sizes 1, 2, 4 and 8, the model's own interpreter settings."""
     sys.path.insert(0, str(SRC))
-    from simple_cnn.classify import LiteRT
     from simple_cnn.formats import tflite_path
+    from simple_cnn.runtime import LiteRT
 
     interpreter = LiteRT(tflite_path(model).read_bytes())
     parts = []

@@ -93,17 +93,14 @@ def matmul_gflops(n: int = 4096) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def scored_by_test_mode(ds, test_records: list, ours: Path) -> np.ndarray:
+def scored_by_test_mode(ds, files: list[str], ours: Path) -> np.ndarray:
     """Which decodable test images ``--mode test`` scores for our model ``ours``: near
     copies of its training and validation images are set aside (duplicates.py). Both
     recipes are tested on these, so they face the same images, and the same as the CLI's."""
-    from simple_cnn import data
-    from simple_cnn.evaluate import set_aside_copies_of_training
-    from simple_cnn.formats import read_metadata
+    from simple_cnn.formats import read_fingerprints, read_metadata
 
-    x, y = data.load_images(ds, test_records, read_metadata(ours)["image_size"])
-    _, _, kept = set_aside_copies_of_training(ds, ours, test_records, x, y)
-    return np.isin(data.decoded_files(ds, test_records), kept)
+    kept = ds.test_split(read_metadata(ours)["image_size"], read_fingerprints(ours)).files
+    return np.isin(files, kept)
 
 
 def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, quick: bool = False) -> dict:
@@ -111,15 +108,16 @@ def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, 
     ``quick``: the tutorial's CNN at 64 pixels, not 180 (a smoke run: its 4-million-weight
     dense layer at 180 pixels made it the slowest part of the test suite)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from simple_cnn import data
+    from simple_cnn.dataset import ImageDataset
     from simple_cnn.formats import save_model
+    from simple_cnn.pipeline import make_tf_dataset
     from simple_cnn.quiet import import_keras
-    from simple_cnn.train import Plan, TrainConfig, time_budget, train
+    from simple_cnn.schedule import Plan, Schedule
+    from simple_cnn.train import TrainConfig, train
 
     keras = import_keras()
-    ds = data.scan_dataset(dataset)
+    ds = ImageDataset.scan(dataset)
     if recipe == "simple_cnn":
-        started = time.monotonic()
         summary = train(dataset, model_out, model_out.parent / "images", TrainConfig(max_minutes=minutes)).as_dict()
         image_size = summary["image_size"]
         model = keras.models.load_model(model_out)
@@ -127,24 +125,23 @@ def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, 
         decode_seconds = summary["wall_seconds"] - summary["train_seconds"]
         train_seconds, epochs = summary["train_seconds"], summary["epochs_run"]
         n_train = summary["images_used"]["train"]
-        del started
     else:
         image_size = 64 if quick else 180  # the tutorial's size
         t = time.monotonic()
-        x, y = data.load_images(ds, ds.split("train"), image_size)
-        xv, yv = data.load_images(ds, ds.split("val"), image_size)
+        train_split, val_split = ds.decode(ds.split("train"), image_size), ds.decode(ds.split("val"), image_size)
+        (x, y), (xv, yv) = (train_split.x, train_split.y), (val_split.x, val_split.y)
         decode_seconds = time.monotonic() - t
         keras.utils.set_random_seed(42)
         model = tutorial_cnn(len(ds.class_names), image_size)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         t = time.monotonic()
         history = model.fit(  # one iterator for the run, as ours (bench/README.md, "Epochs of two speeds")
-            data.make_tf_dataset(x, y, 32, shuffle=True).repeat(),
+            make_tf_dataset(x, y, 32, shuffle=True).repeat(),
             steps_per_epoch=math.ceil(len(x) / 32),
-            validation_data=data.make_tf_dataset(xv, yv, 32),
+            validation_data=make_tf_dataset(xv, yv, 32),
             epochs=1000,
             verbose=0,
-            callbacks=[time_budget(Plan(None, (minutes or AUTO_MINUTES) * 60))],
+            callbacks=[Schedule(Plan(1000, (minutes or AUTO_MINUTES) * 60), peak=None, warmup=0.0)],  # its own Adam rate
         )
         train_seconds, epochs, n_train = time.monotonic() - t, len(history.history["loss"]), len(x)
         train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -152,10 +149,11 @@ def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, 
             model, model_out, {"class_names": ds.class_names, "image_size": image_size, "val_split": 0.15, "test_split": 0.15}
         )
     test_records = ds.split("test")
-    xt, yt = data.load_images(ds, test_records, image_size)
-    keep = scored_by_test_mode(ds, test_records, model_out.with_name("simple_cnn.keras"))  # ours trained first
+    test_split = ds.decode(test_records, image_size)
+    xt, yt = test_split.x, test_split.y
+    keep = scored_by_test_mode(ds, test_split.files, model_out.with_name("simple_cnn.keras"))  # ours trained first
     xt, yt = xt[keep], yt[keep]
-    probabilities = model.predict(data.make_tf_dataset(xt, yt, 64), verbose=0)
+    probabilities = model.predict(make_tf_dataset(xt, yt, 64), verbose=0)
     flops = forward_flops(model, image_size)
     return {
         "recipe": recipe,
@@ -185,20 +183,23 @@ def run_feeds(dataset: Path, image_size: int, steps: int = 15, rounds: int = 12)
     quartiles as the spread. (Best-of-4 rounds of 40 steps once gave 76% and 124% in two
     runs on the same data.)"""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from simple_cnn import data
     from simple_cnn.config import auto_batch_size
+    from simple_cnn.dataset import ImageDataset
     from simple_cnn.model import build_model
+    from simple_cnn.pipeline import make_tf_dataset
     from simple_cnn.quiet import import_keras, import_tensorflow
 
     keras, tf = import_keras(), import_tensorflow()
     batch_size = auto_batch_size(image_size)  # the batch training uses at this size
-    ds = data.scan_dataset(dataset)
+    ds = ImageDataset.scan(dataset)
     records = ds.split("train")
     t = time.monotonic()
-    x, y = data.load_images(ds, records, image_size)
+    in_memory = ds.decode(records, image_size)
+    x, y = in_memory.x, in_memory.y
     decode_seconds = time.monotonic() - t
     with tempfile.TemporaryDirectory() as tmp:
-        xd, yd = data.load_images(ds, records, image_size, Path(tmp))
+        on_disk = ds.decode(records, image_size, Path(tmp))
+        xd, yd = on_disk.x, on_disk.y
         keras.utils.set_random_seed(0)
         model = build_model(len(ds.class_names), image_size)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
@@ -206,8 +207,8 @@ def run_feeds(dataset: Path, image_size: int, steps: int = 15, rounds: int = 12)
         # Each feed is built once and stays open, so a round measures steps, not set-up.
         feeds = {
             "memory": iter(tf.data.Dataset.from_tensors(batch).repeat()),
-            "pipeline": iter(data.make_tf_dataset(x, y, batch_size, shuffle=True).repeat()),
-            "disk_cache": iter(data.make_tf_dataset(xd, yd, batch_size, shuffle=True).repeat()),
+            "pipeline": iter(make_tf_dataset(x, y, batch_size, shuffle=True).repeat()),
+            "disk_cache": iter(make_tf_dataset(xd, yd, batch_size, shuffle=True).repeat()),
         }
         model.fit(tf.data.Dataset.from_tensors(batch).repeat(), steps_per_epoch=2, epochs=1, verbose=0)  # builds all
         step = model.train_function  # what fit() calls for each step, without its callbacks

@@ -30,6 +30,7 @@ SLOWEST_FIRST = (
     "test_reliability.py",
     "test_bench.py",
     "test_classify_export.py",
+    "test_serve.py",
     "test_docker.py",
     "test_metrics.py",
     "test_report.py",
@@ -84,7 +85,7 @@ def make_shapes_dataset(root: Path, per_class: int = 40, seed: int = 0, size: in
 def name_in_split(folder: str, stem: str, suffix: str, split: str) -> str:
     """A file name under ``folder`` whose stable split (default fractions) is ``split``."""
     from simple_cnn.config import TrainConfig
-    from simple_cnn.data import split_of
+    from simple_cnn.dataset import split_of
 
     for k in itertools.count():
         relpath = f"{folder}/{stem}_{k}{suffix}"
@@ -100,9 +101,10 @@ def add_copies(root: Path, folder: str, other: str) -> dict[str, str]:
     ``smaller`` (three quarters the size, validation), ``mirrored`` (test) and
     ``identical`` (the same bytes in the ``other`` class folder, test).
     """
-    from simple_cnn.data import scan_dataset
+    from simple_cnn.dataset import ImageDataset
 
-    original = next(r.relpath for r in scan_dataset(root).images if r.split == "train" and r.relpath.startswith(f"{folder}/"))
+    images = ImageDataset.scan(root).images
+    original = next(r.relpath for r in images if r.split == "train" and r.relpath.startswith(f"{folder}/"))
     image = Image.open(root / original).convert("RGB")
     copies = {
         "recoded": name_in_split(folder, "recoded", ".jpg", "test"),
@@ -214,6 +216,24 @@ def trained(tmp_path_factory, worker_id):
 
     work = built_once(tmp_path_factory, worker_id, "e2e", build)
     return work, json.loads((work / "train.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def new_images(trained, tmp_path_factory):
+    """A folder of new images with known classes (in their names), plus files to skip."""
+    folder = tmp_path_factory.mktemp("new") / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(2024)
+    truth = {}
+    for kind in CLASSES:
+        for i in range(6):
+            path = folder / ("sub" if i % 2 else ".") / f"{kind}_{i}.png"
+            shape_image(kind, rng, size=int(rng.integers(24, 80))).save(path)
+            truth[path.name] = kind
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (folder / ".hidden.png").write_bytes(b"ignored")
+    (folder / "notes.txt").write_text("ignored")
+    return folder, truth
 
 
 def wait_for_epochs(proc: subprocess.Popen, n: int) -> list[str]:

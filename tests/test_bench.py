@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from conftest import CLASSES, add_copies, make_shapes_dataset
-from simple_cnn.data import scan_dataset
+from simple_cnn.dataset import ImageDataset
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_bench.py"
 
@@ -20,7 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_bench.py"
 def test_train_bench_compares_both_recipes_and_the_input_pipeline(tmp_path):
     dataset = make_shapes_dataset(tmp_path / "shapes", per_class=20)
     add_copies(dataset, CLASSES[0], CLASSES[1])  # copies of a training image: two near copies land in the test split
-    test_split = len(scan_dataset(dataset).split("test"))
+    test_split = len(ImageDataset.scan(dataset).split("test"))
     output = tmp_path / "results" / "train.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--dataset", str(dataset), "--minutes", "0.1", "--quick", "--output", str(output)],

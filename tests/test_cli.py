@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import CLASSES, assert_one_line_error, make_shapes_dataset, run_cli, shape_image
-from simple_cnn import data, formats
+from simple_cnn import formats
+from simple_cnn.dataset import ImageDataset
 
 
 def test_help_lists_every_flag_with_examples(tmp_path):
@@ -115,7 +116,7 @@ def test_h5_model_file_works_end_to_end(tmp_path):
     with Image.open(tmp_path / answer["explanation"]) as overlay:  # images/circle_000_gradcam.png
         assert overlay.format == "PNG" and overlay.size == (4 * 32, 4 * 32)  # 4x the input size, 32 (automatic)
     saved = formats.read_fingerprints(tmp_path / model)  # for test mode, in an HDF5 dataset beside the network
-    assert set(saved["files"]) == {r.relpath for r in data.scan_dataset(tmp_path / "ds").images if r.split != "test"}
+    assert set(saved.files) == {r.relpath for r in ImageDataset.scan(tmp_path / "ds").images if r.split != "test"}
 
 
 def test_disk_cache_serves_train_and_test_modes(tmp_path):
@@ -181,7 +182,7 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, trained):
 def test_python_api_checks_settings_as_the_cli_does(settings, word):
     """One source of settings: the dataclasses refuse what the flags refuse."""
     from simple_cnn.config import SettingError, TrainConfig
-    from simple_cnn.data import load_data
+    from simple_cnn.dataset import load_data
 
     with pytest.raises(SettingError, match=word):
         TrainConfig(**settings)

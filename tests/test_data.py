@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import bomb_png, make_shapes_dataset, shape_image
-from simple_cnn import data
+from simple_cnn import images
+from simple_cnn.dataset import AUTO_SIZE_MAX, SPLITS, ImageDataset, ensure_digits_dataset, load_data, split_of
 from simple_cnn.errors import DataError
+from simple_cnn.images import read_image
 
 
 def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
@@ -25,7 +27,7 @@ def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
     nested.mkdir(parents=True)
     shape_image("square", np.random.default_rng(2)).save(nested / "n.PNG")
 
-    ds = data.scan_dataset(root)
+    ds = ImageDataset.scan(root)
 
     assert ds.class_names == ["circle", "square", "triangle"]
     assert ds.skipped == []
@@ -50,9 +52,9 @@ def test_every_supported_format_and_mode_decodes_to_rgb(tmp_path):
     Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).save(root / "b" / "sixteen.png")
     base.save(root / "b" / "photo.webp")
 
-    ds = data.scan_dataset(root)
+    ds = ImageDataset.scan(root)
     assert ds.skipped == []
-    x, y = data.load_images(ds, ds.images, 24)
+    x = ds.decode(ds.images, 24).x
     assert x.shape == (8, 24, 24, 3) and x.dtype == np.uint8
     assert ds.skipped == []
     # 16-bit grey keeps its range (top 8 bits), instead of clipping to white.
@@ -64,7 +66,7 @@ def test_animated_gif_reads_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
-    pixels = data.read_image(path, 8)
+    pixels = read_image(path, 8)
     assert pixels.shape == (8, 8, 3)
     assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50  # red, the first frame
 
@@ -85,8 +87,9 @@ def test_corrupt_files_are_skipped_and_counted_not_fatal(tmp_path):
     shape_image("triangle", rng).save(good_png, "PNG")
     (root / "triangle" / "truncated.png").write_bytes(good_png.getvalue()[:-40])
 
-    ds = data.scan_dataset(root, val_split=0.01, test_split=0.01)
-    x, y = data.load_images(ds, ds.images, 16)
+    ds = ImageDataset.scan(root, val_split=0.01, test_split=0.01)
+    decoded = ds.decode(ds.images, 16)
+    x, y = decoded.x, decoded.y
 
     skipped = dict(ds.skipped)
     assert set(skipped) == {"circle/empty.jpg", "circle/text.jpg", "square/truncated.jpg", "triangle/truncated.png"}
@@ -98,11 +101,13 @@ def test_disk_cache_holds_the_same_pixels_and_is_reused(tmp_path, monkeypatch):
     root = make_shapes_dataset(tmp_path / "ds", per_class=6)
     (root / "square" / "truncated.jpg").write_bytes(_jpeg_bytes(np.random.default_rng(4))[:300])
     cache = tmp_path / "cache"
-    in_memory = data.scan_dataset(root)
-    x_mem, y_mem = data.load_images(in_memory, in_memory.images, 24)
+    in_memory = ImageDataset.scan(root)
+    decoded = in_memory.decode(in_memory.images, 24)
+    x_mem, y_mem = decoded.x, decoded.y
 
-    on_disk = data.scan_dataset(root)
-    x_disk, y_disk = data.load_images(on_disk, on_disk.images, 24, cache)
+    on_disk = ImageDataset.scan(root)
+    decoded = on_disk.decode(on_disk.images, 24, cache)
+    x_disk, y_disk = decoded.x, decoded.y
     assert isinstance(x_disk, np.memmap) and not x_disk.flags.writeable
     np.testing.assert_array_equal(x_disk, x_mem)
     np.testing.assert_array_equal(y_disk, y_mem)
@@ -114,16 +119,18 @@ def test_disk_cache_holds_the_same_pixels_and_is_reused(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(data, "read_image", no_decoding)
-    again = data.scan_dataset(root)
-    x_again, _ = data.load_images(again, again.images, 24, cache)
+    monkeypatch.setattr(images, "read_image", no_decoding)
+    again = ImageDataset.scan(root)
+    decoded = again.decode(again.images, 24, cache)
+    x_again, _ = decoded.x, decoded.y
     np.testing.assert_array_equal(x_again, x_mem)
     assert "square/truncated.jpg" in dict(again.skipped)  # still reported, from the cache's index
     monkeypatch.undo()
 
     shape_image("circle", np.random.default_rng(5)).save(root / "circle" / "circle_000.png")  # a changed file
-    changed = data.scan_dataset(root)
-    x_new, _ = data.load_images(changed, changed.images, 24, cache)
+    changed = ImageDataset.scan(root)
+    decoded = changed.decode(changed.images, 24, cache)
+    x_new, _ = decoded.x, decoded.y
     assert len(list(cache.glob("*.u8"))) == 2  # a new entry: the old one no longer matches
     assert not np.array_equal(x_new, x_mem)
 
@@ -132,7 +139,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb_png(20_000, 20_000))  # 400 megapixels declared, 100 bytes on disk
     with pytest.raises(ValueError, match="pixels"):
-        data.read_image(path, 32)
+        read_image(path, 32)
 
 
 @pytest.mark.parametrize(
@@ -158,58 +165,58 @@ def test_unusable_dataset_folders_are_clear_errors(tmp_path, layout, message):
         make_shapes_dataset(root, per_class=2)
         (root / "empty").mkdir()
     with pytest.raises(DataError, match=message):
-        data.scan_dataset(root)
+        ImageDataset.scan(root)
 
 
 def test_split_is_stable_when_images_are_added(tmp_path):
     root = make_shapes_dataset(tmp_path / "ds", per_class=30)
-    before = {r.relpath: r.split for r in data.scan_dataset(root).images}
+    before = {r.relpath: r.split for r in ImageDataset.scan(root).images}
     rng = np.random.default_rng(9)
     for i in range(25):
         shape_image("circle", rng).save(root / "circle" / f"added_{i}.png")
-    after = {r.relpath: r.split for r in data.scan_dataset(root).images}
+    after = {r.relpath: r.split for r in ImageDataset.scan(root).images}
     assert len(after) == len(before) + 25
     assert all(after[p] == s for p, s in before.items())
 
 
 def test_split_fractions_are_roughly_as_asked_and_deterministic():
     paths = [f"c{i % 3}/img_{i}.jpg" for i in range(6000)]
-    splits = [data.split_of(p, 0.15, 0.15) for p in paths]
-    share = {s: splits.count(s) / len(splits) for s in data.SPLITS}
+    splits = [split_of(p, 0.15, 0.15) for p in paths]
+    share = {s: splits.count(s) / len(splits) for s in SPLITS}
     assert abs(share["train"] - 0.70) < 0.03 and abs(share["test"] - 0.15) < 0.02
-    assert splits == [data.split_of(p, 0.15, 0.15) for p in paths]
+    assert splits == [split_of(p, 0.15, 0.15) for p in paths]
     # A non-UTF-8 name still has a split.
-    assert data.split_of("c0/caf\udce9.jpg", 0.15, 0.15) in data.SPLITS
+    assert split_of("c0/caf\udce9.jpg", 0.15, 0.15) in SPLITS
 
 
 def test_load_data_returns_arrays_like_keras_datasets(tmp_path):
     root = make_shapes_dataset(tmp_path / "ds", per_class=20)
-    (x_train, y_train), (x_test, y_test) = data.load_data(root, image_size=24)
+    (x_train, y_train), (x_test, y_test) = load_data(root, image_size=24)
     assert x_train.dtype == np.uint8 and y_train.dtype == np.uint8
     assert x_train.shape[1:] == (24, 24, 3) and x_train.shape[0] == y_train.shape[0]
     assert x_test.shape[0] == y_test.shape[0] > 0
     assert x_train.shape[0] + x_test.shape[0] == 60
     assert set(np.unique(y_train)) == {0, 1, 2}
     # The test part is exactly the split that --mode test uses.
-    ds = data.scan_dataset(root)
+    ds = ImageDataset.scan(root)
     assert x_test.shape[0] == len(ds.split("test"))
 
 
 def test_auto_image_size_is_the_median_short_side_within_bounds(tmp_path):
     root = make_shapes_dataset(tmp_path / "small", per_class=3, size=40)
-    assert data.auto_image_size(data.scan_dataset(root)) == 40
+    assert ImageDataset.scan(root).auto_image_size() == 40
     big = make_shapes_dataset(tmp_path / "big", per_class=3, size=300)
-    assert data.auto_image_size(data.scan_dataset(big)) == data.AUTO_SIZE_MAX
+    assert ImageDataset.scan(big).auto_image_size() == AUTO_SIZE_MAX
 
 
 def test_digits_dataset_is_written_once_as_png_class_folders(tmp_path):
-    root = data.ensure_digits_dataset(tmp_path / "datasets" / "digits")
-    ds = data.scan_dataset(root)
+    root = ensure_digits_dataset(tmp_path / "datasets" / "digits")
+    ds = ImageDataset.scan(root)
     assert ds.class_names == [str(d) for d in range(10)]
     assert len(ds.images) == 1797 and ds.skipped == []
     with Image.open(root / "3" / next(p.name for p in (root / "3").iterdir())) as im:
         assert im.size == (32, 32)
     stamp = (root / "0").stat().st_mtime_ns
-    data.ensure_digits_dataset(root)
+    ensure_digits_dataset(root)
     assert (root / "0").stat().st_mtime_ns == stamp
     assert not list(root.parent.glob(".digits.partial-*"))

@@ -74,9 +74,9 @@ def test_two_workers_train_one_model(two_workers):
 
 def test_each_worker_reads_its_own_share(two_workers):
     work, results = two_workers
-    from simple_cnn.data import scan_dataset
+    from simple_cnn.dataset import ImageDataset
 
-    train_total = len(scan_dataset(work / "ds").split("train"))
+    train_total = len(ImageDataset.scan(work / "ds").split("train"))
     for _, _, err in results:
         assert "2 replicas on 2 worker(s); batch 8 per replica, 16 in all" in err
         steps, images = map(int, re.search(r"(\d+) steps per epoch, (\d+) training images on this worker", err).groups())
@@ -300,7 +300,7 @@ def test_two_workers_find_each_other_without_tf_config(tmp_path, scheduler):
 
 def test_deploy_files_are_well_formed():
     """The manifests parse into the expected kinds; the sbatch script is valid bash.
-    (Not run on a real cluster here: the README says so.)"""
+    (Not run on a real cluster here: docs/distributed.md says so.)"""
     import shutil
 
     import yaml

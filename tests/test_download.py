@@ -56,7 +56,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server():
+def archive_server():
     srv = _Server(("127.0.0.1", 0), _Handler)
     srv.files, srv.truncate, srv.requests = {}, set(), []
     srv.redirects, srv.stall, srv.no_length = {}, set(), set()
@@ -103,8 +103,9 @@ def project(tmp_path):
     return tmp_path
 
 
-def run_script(project: Path, server, *args, sha: str | None = None, **extra_env):
-    env = {**os.environ, "SIMPLE_CNN_DATASETS_BASE_URL": f"http://127.0.0.1:{server.server_port}", "PYTHON": sys.executable}
+def run_script(project: Path, archive_server, *args, sha: str | None = None, **extra_env):
+    base_url = f"http://127.0.0.1:{archive_server.server_port}"
+    env = {**os.environ, "SIMPLE_CNN_DATASETS_BASE_URL": base_url, "PYTHON": sys.executable}
     env.update(extra_env)
     env.pop("SIMPLE_CNN_FLOWERS_SHA256", None)
     if sha:
@@ -118,10 +119,10 @@ def _leftovers(project: Path) -> list[str]:
     return sorted(p.name for p in (project / "datasets").iterdir() if p.name not in (".checksums", ".download.lock"))
 
 
-def test_good_archive_is_verified_unpacked_and_not_downloaded_twice(project, server):
+def test_good_archive_is_verified_unpacked_and_not_downloaded_twice(project, archive_server):
     archive = _flowers_tgz()
-    server.files["/flower_photos.tgz"] = archive
-    result = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    archive_server.files["/flower_photos.tgz"] = archive
+    result = run_script(project, archive_server, "flowers", sha=hashlib.sha256(archive).hexdigest())
     assert result.returncode == 0, result.stderr
     assert "verified" in result.stdout
     for d in ("datasets", "models", "images"):
@@ -131,27 +132,27 @@ def test_good_archive_is_verified_unpacked_and_not_downloaded_twice(project, ser
     assert (target / "roses" / "roses_1.jpg").read_bytes() == b"roses1"
     assert _leftovers(project) == ["flower_photos"]
 
-    again = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    again = run_script(project, archive_server, "flowers", sha=hashlib.sha256(archive).hexdigest())
     assert again.returncode == 0 and "already present" in again.stdout
-    assert server.requests == ["/flower_photos.tgz"]
+    assert archive_server.requests == ["/flower_photos.tgz"]
 
 
-def test_wrong_checksum_leaves_nothing(project, server):
-    server.files["/flower_photos.tgz"] = _flowers_tgz()
-    result = run_script(project, server, "flowers")  # the published checksum: cannot match
+def test_wrong_checksum_leaves_nothing(project, archive_server):
+    archive_server.files["/flower_photos.tgz"] = _flowers_tgz()
+    result = run_script(project, archive_server, "flowers")  # the published checksum: cannot match
     assert result.returncode == 1
     assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
     assert _leftovers(project) == []
 
 
-def test_truncated_download_is_retried_a_few_times_then_fails_cleanly(project, server):
+def test_truncated_download_is_retried_a_few_times_then_fails_cleanly(project, archive_server):
     archive = _flowers_tgz()
-    server.files["/flower_photos.tgz"] = archive
-    server.truncate.add("/flower_photos.tgz")
-    result = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    archive_server.files["/flower_photos.tgz"] = archive
+    archive_server.truncate.add("/flower_photos.tgz")
+    result = run_script(project, archive_server, "flowers", sha=hashlib.sha256(archive).hexdigest())
     assert result.returncode == 1
     assert "download from" in result.stderr
-    assert 2 <= len(server.requests) <= 4  # retried, with a limit
+    assert 2 <= len(archive_server.requests) <= 4  # retried, with a limit
     assert _leftovers(project) == []
 
 
@@ -160,21 +161,21 @@ def test_truncated_download_is_retried_a_few_times_then_fails_cleanly(project, s
     [({"../evil.txt": b"x"}, None), ({"/tmp/evil_abs.txt": b"x"}, None), ({}, {"flower_photos/daisy/link": "/etc/passwd"})],
     ids=["dotdot", "absolute", "symlink"],
 )
-def test_unsafe_archives_are_refused_before_writing_anything(project, server, extra, links):
+def test_unsafe_archives_are_refused_before_writing_anything(project, archive_server, extra, links):
     entries = {f"flower_photos/{c}/a.jpg": b"x" for c in FLOWERS}
     archive = _tgz({**entries, **extra}, links)
-    server.files["/flower_photos.tgz"] = archive
-    result = run_script(project, server, "flowers", sha=hashlib.sha256(archive).hexdigest())
+    archive_server.files["/flower_photos.tgz"] = archive
+    result = run_script(project, archive_server, "flowers", sha=hashlib.sha256(archive).hexdigest())
     assert result.returncode == 1, result.stdout
     assert "refused" in result.stderr
     assert _leftovers(project) == []
     assert not (project / "evil.txt").exists() and not Path("/tmp/evil_abs.txt").exists()
 
 
-def test_unpublished_checksum_is_recorded_then_enforced(project, server):
+def test_unpublished_checksum_is_recorded_then_enforced(project, archive_server):
     archive = _animals_zip()
-    server.files["/animal-image-classification-dataset.zip"] = archive
-    first = run_script(project, server, "animals")
+    archive_server.files["/animal-image-classification-dataset.zip"] = archive
+    first = run_script(project, archive_server, "animals")
     assert first.returncode == 0, first.stderr
     assert "recorded SHA-256" in first.stdout
     assert sorted(p.name for p in (project / "datasets" / "Animals").iterdir() if p.is_dir()) == list(ANIMALS)
@@ -182,77 +183,77 @@ def test_unpublished_checksum_is_recorded_then_enforced(project, server):
     assert hashlib.sha256(archive).hexdigest() in manifest
 
     shutil.rmtree(project / "datasets" / "Animals")
-    server.files["/animal-image-classification-dataset.zip"] = _animals_zip(tag=b"changed")
-    second = run_script(project, server, "animals")
+    archive_server.files["/animal-image-classification-dataset.zip"] = _animals_zip(tag=b"changed")
+    second = run_script(project, archive_server, "animals")
     assert second.returncode == 1 and "recorded" in second.stderr
     assert _leftovers(project) == []
 
 
-def test_usage(project, server):
-    assert run_script(project, server, "--help").returncode == 0
-    bad = run_script(project, server, "imagenet")
+def test_usage(project, archive_server):
+    assert run_script(project, archive_server, "--help").returncode == 0
+    bad = run_script(project, archive_server, "imagenet")
     assert bad.returncode == 2 and "imagenet" in bad.stderr
-    assert server.requests == []
+    assert archive_server.requests == []
 
 
-def test_digits_needs_no_network(project, server):
+def test_digits_needs_no_network(project, archive_server):
     (project / "src").symlink_to(REPO / "src")
-    result = run_script(project, server, "digits")
+    result = run_script(project, archive_server, "digits")
     assert result.returncode == 0, result.stderr
     assert len(list((project / "datasets" / "digits").rglob("*.png"))) == 1797
-    assert server.requests == []
+    assert archive_server.requests == []
 
 
 ANIMALS_PATH = "/animal-image-classification-dataset.zip"
 
 
-def test_bad_first_download_is_not_pinned(project, server):
+def test_bad_first_download_is_not_pinned(project, archive_server):
     """An error page served with status 200 fails, and is not recorded: the genuine archive then works."""
-    server.files[ANIMALS_PATH] = b"<html>Too many requests, try later</html>"
-    first = run_script(project, server, "animals")
+    archive_server.files[ANIMALS_PATH] = b"<html>Too many requests, try later</html>"
+    first = run_script(project, archive_server, "animals")
     assert first.returncode == 1 and "refused to unpack" in first.stderr
     assert not (project / "datasets" / ".checksums").exists() or not (project / "datasets" / ".checksums").read_text()
     archive = _animals_zip()
-    server.files[ANIMALS_PATH] = archive
-    second = run_script(project, server, "animals")
+    archive_server.files[ANIMALS_PATH] = archive
+    second = run_script(project, archive_server, "animals")
     assert second.returncode == 0, second.stderr
     assert hashlib.sha256(archive).hexdigest() in (project / "datasets" / ".checksums").read_text()
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["with-length", "without-length"])
-def test_oversized_download_is_refused(project, server, declared):
-    server.files[ANIMALS_PATH] = _animals_zip() + os.urandom(3 * 1024 * 1024)  # over a 2 MiB bound
+def test_oversized_download_is_refused(project, archive_server, declared):
+    archive_server.files[ANIMALS_PATH] = _animals_zip() + os.urandom(3 * 1024 * 1024)  # over a 2 MiB bound
     if not declared:
-        server.no_length.add(ANIMALS_PATH)
-    result = run_script(project, server, "animals", SIMPLE_CNN_MAX_DOWNLOAD_MB="2")
+        archive_server.no_length.add(ANIMALS_PATH)
+    result = run_script(project, archive_server, "animals", SIMPLE_CNN_MAX_DOWNLOAD_MB="2")
     assert result.returncode == 1 and "over 2 MiB" in result.stderr
     assert _leftovers(project) == []
 
 
-def test_stalled_download_gives_up(project, server):
-    server.files[ANIMALS_PATH] = _animals_zip() + os.urandom(200_000)
-    server.stall.add(ANIMALS_PATH)
+def test_stalled_download_gives_up(project, archive_server):
+    archive_server.files[ANIMALS_PATH] = _animals_zip() + os.urandom(200_000)
+    archive_server.stall.add(ANIMALS_PATH)
     started = time.monotonic()
-    result = run_script(project, server, "animals", SIMPLE_CNN_STALL_SECONDS="1")
+    result = run_script(project, archive_server, "animals", SIMPLE_CNN_STALL_SECONDS="1")
     assert result.returncode == 1 and "stall" in result.stderr
     assert time.monotonic() - started < 60
     assert _leftovers(project) == []
 
 
-def test_redirect_to_plain_http_is_refused(project, server):
-    server.files["/elsewhere.zip"] = _animals_zip()
-    server.redirects[ANIMALS_PATH] = f"http://127.0.0.1:{server.server_port}/elsewhere.zip"
-    result = run_script(project, server, "animals")
+def test_redirect_to_plain_http_is_refused(project, archive_server):
+    archive_server.files["/elsewhere.zip"] = _animals_zip()
+    archive_server.redirects[ANIMALS_PATH] = f"http://127.0.0.1:{archive_server.server_port}/elsewhere.zip"
+    result = run_script(project, archive_server, "animals")
     assert result.returncode == 1 and "redirect" in result.stderr
-    assert "/elsewhere.zip" not in server.requests
+    assert "/elsewhere.zip" not in archive_server.requests
     assert _leftovers(project) == []
 
 
-def test_killed_run_leftovers_are_cleaned(project, server):
+def test_killed_run_leftovers_are_cleaned(project, archive_server):
     leftover = project / "datasets" / ".download-animals.Ab12Cd"
     leftover.mkdir(parents=True)
     (leftover / "archive").write_bytes(b"half an archive")
-    server.files[ANIMALS_PATH] = _animals_zip()
-    result = run_script(project, server, "animals")
+    archive_server.files[ANIMALS_PATH] = _animals_zip()
+    result = run_script(project, archive_server, "animals")
     assert result.returncode == 0, result.stderr
     assert not leftover.exists() and _leftovers(project) == ["Animals"]

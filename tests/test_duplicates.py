@@ -7,8 +7,10 @@ import json
 import numpy as np
 
 from conftest import add_copies, make_shapes_dataset
-from simple_cnn import data, duplicates
+from simple_cnn import duplicates
 from simple_cnn.config import TrainConfig
+from simple_cnn.dataset import ImageDataset, load_data, split_of
+from simple_cnn.duplicates import Fingerprints
 
 
 def test_near_pairs_index_finds_what_brute_force_finds():
@@ -38,27 +40,26 @@ def test_near_pairs_index_finds_what_brute_force_finds():
 def test_copies_join_the_earliest_split_and_load_data_agrees(tmp_path):
     root = make_shapes_dataset(tmp_path / "ds", per_class=20, size=48)
     files = add_copies(root, "circle", "square")
-    dataset = data.scan_dataset(root)
+    dataset = ImageDataset.scan(root)
 
     # The byte-identical copy is set aside by the scan; nothing else moves.
     assert dataset.copies.set_aside == [(files["identical"], files["original"])]
     kept = {r.relpath: r.split for r in dataset.images}
     assert files["identical"] not in kept
-    assert all(split == data.split_of(f, TrainConfig.val_split, TrainConfig.test_split) for f, split in kept.items())
+    assert all(split == split_of(f, TrainConfig.val_split, TrainConfig.test_split) for f, split in kept.items())
     report = dataset.copies.report(dataset.class_names)
     assert report["mixed_labels"] == [[f"{files['original']} (circle)", f"{files['identical']} (square)"]]
 
     counts = dataset.counts()
-    (x_train, _), (x_test, _) = data.load_data(root, image_size=24)
+    (x_train, _), (x_test, _) = load_data(root, image_size=24)
     assert len(x_train) == counts["train"] + counts["val"] - 1  # the smaller copy left validation
     assert len(x_test) == counts["test"] - 2  # the re-encoded and the mirrored copies left test
 
 
 def test_distinct_images_are_not_copies(tmp_path):
     root = make_shapes_dataset(tmp_path / "ds", per_class=60, size=48)
-    dataset = data.scan_dataset(root)
-    x, y = data.load_images(dataset, dataset.images, 24)
-    fingerprints = data.Fingerprints.of(dataset, dataset.images, x, y)
+    dataset = ImageDataset.scan(root)
+    fingerprints = dataset.decode(dataset.images, 24).fingerprints
     assert len(duplicates.near_pairs(fingerprints.hashes, fingerprints.thumbnails)) == 0
     assert not dataset.copies.links
 
@@ -66,10 +67,9 @@ def test_distinct_images_are_not_copies(tmp_path):
 def test_model_files_carry_the_training_fingerprints(tiny_model):
     from simple_cnn import formats
 
-    saved = formats.read_fingerprints(tiny_model)
-    dataset = data.scan_dataset(tiny_model.parent.parent / "ds")
-    assert saved["files"] == [r.relpath for r in dataset.split("train") + dataset.split("val")]
-    restored = data.Fingerprints.from_dict(saved)
-    assert restored.thumbnails.shape == (len(saved["files"]), duplicates.THUMBNAIL_BYTES)
-    assert data.Fingerprints.from_dict(restored.as_dict()).as_dict() == saved
+    restored = formats.read_fingerprints(tiny_model)
+    dataset = ImageDataset.scan(tiny_model.parent.parent / "ds")
+    assert restored.files == [r.relpath for r in dataset.split("train") + dataset.split("val")]
+    assert restored.thumbnails.shape == (len(restored.files), duplicates.THUMBNAIL_BYTES)
+    assert Fingerprints.from_dict(restored.as_dict()).as_dict() == restored.as_dict()
     assert "phash" not in json.dumps(formats.read_metadata(tiny_model))  # classify reads the metadata only

@@ -1,6 +1,6 @@
 """Hostile files: nothing beside a model or inside a dataset can take over, hang or crash a run.
 
-Each test builds the hostile file itself and runs the CLI as a user would. README.md's
+Each test builds the hostile file itself and runs the CLI as a user would. docs/reliability.md's
 "Reliability" table lists every test here too (tests/test_reliability.py keeps it in step).
 """
 
@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 
 import conftest
 from conftest import assert_one_line_error, make_shapes_dataset, run_cli, shape_image, start_cli
-from simple_cnn import data, formats
+from simple_cnn import formats, images
+from simple_cnn.dataset import ImageDataset
+from simple_cnn.images import PixelBudget, decode_images
 
 IS_ROOT = os.geteuid() == 0
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -82,7 +84,7 @@ def test_planted_litert_copy_is_not_used(model, tmp_path):
 
 
 def test_corrupt_or_truncated_litert_copy_falls_back_to_keras(model, tmp_path):
-    from simple_cnn.classify import _litert_interpreter
+    from simple_cnn.runtime import litert_beside
 
     model_path = _copy_model(model, tmp_path)
     genuine, _ = _classify_json(model, model_path)
@@ -91,7 +93,7 @@ def test_corrupt_or_truncated_litert_copy_falls_back_to_keras(model, tmp_path):
     metadata = formats.read_metadata(model_path)
     for broken in (content[:7], os.urandom(5000), b""):
         (tmp_path / "m.tflite").write_bytes(broken)
-        assert _litert_interpreter(model_path, metadata) is None
+        assert litert_beside(model_path, metadata) is None
     (tmp_path / "m.tflite").write_bytes(content[: len(content) // 3])  # truncated: through the CLI
     answer, stderr = _classify_json(model, model_path)
     assert answer["runtime"] == "keras" and answer["class"] == genuine["class"], stderr
@@ -110,7 +112,7 @@ def genuine_litert(model):
 @given(edits=st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 255)), min_size=1, max_size=20), cut=st.integers(0, 10**7))
 def test_fuzz_mutated_litert_copies_are_ignored(model, genuine_litert, tmp_path_factory, edits, cut):
     """Mutated .tflite files: the metadata reader never raises, and the copy is never run."""
-    from simple_cnn.classify import _litert_interpreter
+    from simple_cnn.runtime import litert_beside
 
     folder = tmp_path_factory.mktemp("lite", numbered=True)
     payload = bytearray(genuine_litert)
@@ -121,7 +123,7 @@ def test_fuzz_mutated_litert_copies_are_ignored(model, genuine_litert, tmp_path_
     found = formats.read_tflite_metadata(folder / "m.tflite")
     assert found is None or isinstance(found, dict)
     metadata = formats.read_metadata(model / "models" / "cnn_model.keras")
-    interpreter = _litert_interpreter(folder / "m.keras", metadata)
+    interpreter = litert_beside(folder / "m.keras", metadata)
     assert (interpreter is not None) == (payload == genuine_litert)
 
 
@@ -144,10 +146,10 @@ def test_cache_entries_are_verified_not_trusted(model, tmp_path, caplog):
     expected = json.loads(first.stdout)
     cache = tmp_path / "cache"
     assert cache.stat().st_mode & 0o777 == 0o700  # created private
-    ds = data.scan_dataset(dataset)
+    ds = ImageDataset.scan(dataset)
     records = ds.split("test")
     pixels, index = _cache_entry(cache, records[0].relpath)
-    fresh, _ = data.load_images(ds, records, 24)  # decoded, no cache
+    fresh = ds.decode(records, 24).x  # decoded, no cache
 
     # Pixels changed in place, at the same size: through the CLI.
     raw = bytearray(pixels.read_bytes())
@@ -174,7 +176,8 @@ def test_cache_entries_are_verified_not_trusted(model, tmp_path, caplog):
         tamper()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="simple_cnn"):
-            x, _ = data.load_images(data.scan_dataset(dataset), records, 24, cache)
+            decoded = ImageDataset.scan(dataset).decode(records, 24, cache)
+            x, _ = decoded.x, decoded.y
         assert "does not match its images" in caplog.text
         np.testing.assert_array_equal(np.asarray(x), fresh)
     assert not pixels.is_symlink()  # the rewritten entry replaced the link, not its target
@@ -195,8 +198,9 @@ def test_cache_folder_of_another_user_or_open_to_all_is_refused(tmp_path):
 
 def _entry_for(tmp_path):
     root = make_shapes_dataset(tmp_path / "ds", per_class=4)
-    dataset = data.scan_dataset(root)
-    x, _ = data.load_images(dataset, dataset.images, 16, tmp_path / "cache")
+    dataset = ImageDataset.scan(root)
+    decoded = dataset.decode(dataset.images, 16, tmp_path / "cache")
+    x, _ = decoded.x, decoded.y
     return dataset, np.array(x)
 
 
@@ -214,7 +218,8 @@ def test_fuzz_mutated_cache_entries_are_rebuilt(tmp_path_factory, which, edits):
     for pos, value in edits:
         payload[pos % len(payload)] = value
     target.write_bytes(bytes(payload))
-    x, _ = data.load_images(dataset, dataset.images, 16, tmp_path / "cache")
+    decoded = dataset.decode(dataset.images, 16, tmp_path / "cache")
+    x, _ = decoded.x, decoded.y
     np.testing.assert_array_equal(np.array(x), fresh)
 
 
@@ -237,12 +242,12 @@ def test_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path):
 
 STUCK = """
 import sys, threading, time
-import simple_cnn.data as data
+import simple_cnn.images as images
 def stuck(path, size):  # a read that never returns (a hung network file system, a device)
     sys.stdout.write("stuck\\n")  # one write: print() writes the newline apart, and two decoding threads interleaved
     sys.stdout.flush()
     threading.Event().wait()
-data.read_image = stuck
+images.read_image = stuck
 from simple_cnn.cli import main
 sys.argv[0] = "simple-cnn"
 raise SystemExit(main())
@@ -331,7 +336,7 @@ def test_decoded_pixels_in_flight_are_bounded(tmp_path, monkeypatch):
     """Many threads, large images: the pixels decoded at once never exceed the budget."""
     from PIL import Image
 
-    budget = data.PixelBudget(3_000_000)  # three 1000x1000 images at a time
+    budget = PixelBudget(3_000_000)  # three 1000x1000 images at a time
     held, peak, lock = [0], [0], threading.Lock()
     real_hold = budget.hold
 
@@ -353,20 +358,20 @@ def test_decoded_pixels_in_flight_are_bounded(tmp_path, monkeypatch):
         return Counted()
 
     monkeypatch.setattr(budget, "hold", counting_hold)
-    monkeypatch.setattr(data, "DECODING", budget)
-    monkeypatch.setattr(data, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(images, "DECODING", budget)
+    monkeypatch.setattr(images, "usable_cpus", lambda: 16)
     paths = []
     for i in range(24):
         paths.append(tmp_path / f"big_{i}.png")
         Image.new("RGB", (1000, 1000), (i * 10, 0, 0)).save(paths[-1])
-    x, errors = data.decode_images(paths, 32)
+    x, errors = decode_images(paths, 32)
     assert errors == [None] * 24 and len(x) == 24
     assert 1_000_000 <= peak[0] <= 3_000_000
 
 
 def test_pool_size_follows_the_cpus_this_process_may_use():
     one = subprocess.run(
-        ["taskset", "-c", "0", sys.executable, "-c", "from simple_cnn.data import usable_cpus; print(usable_cpus())"],
+        ["taskset", "-c", "0", sys.executable, "-c", "from simple_cnn.images import usable_cpus; print(usable_cpus())"],
         capture_output=True,
         text=True,
     )
@@ -422,10 +427,10 @@ def test_file_names_arrive_safe_in_messages_tables_and_csv(model, tmp_path):
 
 BROKEN = """
 import sys
-import simple_cnn.data as data
+from simple_cnn.dataset import ImageDataset
 def broken(*args, **kwargs):
     raise RuntimeError("something nobody foresaw\\nsecond line")
-data.scan_dataset = broken
+ImageDataset.scan = broken
 from simple_cnn.cli import main
 sys.argv[0] = "simple-cnn"
 raise SystemExit(main())

@@ -1,8 +1,8 @@
 """Interrupted runs and concurrent writers: a killed training resumes, a killed save leaves
 the previous model, two writers never leave a corrupt one.
 
-Split from test_reliability.py so that the test workers share these slow tests out; README.md's
-"Reliability" table lists them too (test_reliability.test_readme_table_is_in_step).
+Split from test_reliability.py so that the test workers share these slow tests out; docs/reliability.md's
+"Reliability" table lists them too (test_reliability.test_reliability_table_is_in_step).
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ def test_a_signal_while_tensorflow_works_is_raised_at_the_next_step(cli_signal_h
     """
     interrupts = cli_signal_handlers
     keras = pytest.importorskip("keras")
+    from simple_cnn.callbacks import SafePoints
+
     seen = []
 
     class SignalDuringStep(keras.callbacks.Callback):
@@ -124,7 +126,7 @@ def test_a_signal_while_tensorflow_works_is_raised_at_the_next_step(cli_signal_h
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     x, y = np.zeros((40, 2), np.float32), np.arange(40) % 3
     with pytest.raises(KeyboardInterrupt) as raised, interrupts.deferred():
-        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[interrupts.safe_points(), SignalDuringStep()])
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[SafePoints(), SignalDuringStep()])
     assert raised.value.args == (signal.SIGTERM,)
     assert seen == [0, 1, 2, "went on"]  # step 3 never began
 

@@ -101,17 +101,16 @@ def test_min_confidence_answers_unknown_below_it(tiny_model, tmp_path):
 
 
 def test_class_weight_auto_and_the_imbalance_warning(tmp_path, caplog):
-    from simple_cnn import data
-    from simple_cnn.config import TrainConfig
-    from simple_cnn.train import class_weights, imbalance, scan
+    from simple_cnn.dataset import ImageDataset
+    from simple_cnn.train import class_weights
 
     assert class_weights(np.array([0, 0, 0, 1]), 3) == {0: pytest.approx(2 / 3), 1: 2.0, 2: 1.0}
     root = make_shapes_dataset(tmp_path / "ds", per_class=40)
     for extra in sorted((root / "triangle").iterdir())[6:]:
         extra.unlink()  # 6 triangles against 40 circles and 40 squares
     with caplog.at_level(logging.WARNING, logger="simple_cnn"):
-        scan(root, TrainConfig())  # the train output's first step
-    assert "--class_weight auto" in caplog.text and imbalance(data.scan_dataset(root)) > 3
+        ImageDataset.scan(root).training_image_size()  # the train output's first step
+    assert "--class_weight auto" in caplog.text and ImageDataset.scan(root).imbalance() > 3
     caplog.clear()
     weighted = run_cli(
         "--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--class_weight", "auto", "--json", cwd=tmp_path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import zipfile
 
 import numpy as np
@@ -17,26 +16,26 @@ METADATA = {"class_names": ["cat", "dog", "snake"], "image_size": 32, "val_split
 
 
 @pytest.fixture(scope="module")
-def small_model():
+def untrained_model():
     return model_lib.build_model(3, 32)
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
-def test_model_file_round_trip_keeps_metadata_and_predictions(tmp_path, small_model, suffix):
+def test_model_file_round_trip_keeps_metadata_and_predictions(tmp_path, untrained_model, suffix):
     path = tmp_path / f"m{suffix}"
-    formats.save_model(small_model, path, METADATA)
+    formats.save_model(untrained_model, path, METADATA)
     assert formats.read_metadata(path) == METADATA
     loaded, metadata = formats.load_model(path)
     assert metadata == METADATA
     x = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3)).astype(np.float32)
-    expected = np.asarray(small_model(x, training=False))
+    expected = np.asarray(untrained_model(x, training=False))
     np.testing.assert_allclose(np.asarray(loaded(x, training=False)), expected, atol=1e-5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-def test_a_failed_save_leaves_the_previous_model_intact(tmp_path, small_model, monkeypatch):
+def test_a_failed_save_leaves_the_previous_model_intact(tmp_path, untrained_model, monkeypatch):
     path = tmp_path / "m.keras"
-    formats.save_model(small_model, path, METADATA)
+    formats.save_model(untrained_model, path, METADATA)
     before = path.read_bytes()
 
     def broken_save(self, filepath, *a, **k):  # writes half a file, then dies
@@ -44,9 +43,9 @@ def test_a_failed_save_leaves_the_previous_model_intact(tmp_path, small_model, m
             f.write(before[: len(before) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(type(small_model), "save", broken_save)
+    monkeypatch.setattr(type(untrained_model), "save", broken_save)
     with pytest.raises(OSError):
-        formats.save_model(small_model, path, {**METADATA, "class_names": ["x", "y", "z"]})
+        formats.save_model(untrained_model, path, {**METADATA, "class_names": ["x", "y", "z"]})
     assert path.read_bytes() == before
     assert formats.read_metadata(path) == METADATA
     assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]
@@ -67,14 +66,14 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
     assert target.stat().st_mode & 0o044, "outputs are readable like any file the user writes"
 
 
-def test_bad_model_files_are_clear_errors(tmp_path, small_model):
+def test_bad_model_files_are_clear_errors(tmp_path, untrained_model):
     with pytest.raises(UsageError, match=r"\.keras"):
         formats.check_model_path(tmp_path / "model.pt")
     with pytest.raises(DataError, match="train one first"):
         formats.read_metadata(tmp_path / "missing.keras")
 
     good = tmp_path / "good.keras"
-    formats.save_model(small_model, good, METADATA)
+    formats.save_model(untrained_model, good, METADATA)
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(DataError, match="corrupt or truncated"):
@@ -86,7 +85,7 @@ def test_bad_model_files_are_clear_errors(tmp_path, small_model):
         formats.read_metadata(not_a_model)
 
     foreign = tmp_path / "foreign.keras"  # a Keras file not written by simple_cnn
-    small_model.save(foreign)
+    untrained_model.save(foreign)
     with pytest.raises(DataError, match="not saved by simple_cnn"):
         formats.read_metadata(foreign)
 
@@ -99,30 +98,30 @@ def test_bad_model_files_are_clear_errors(tmp_path, small_model):
         formats.load_model(broken_weights)
 
 
-def test_model_takes_raw_pixels_and_augments_only_in_training(small_model):
+def test_model_takes_raw_pixels_and_augments_only_in_training(untrained_model):
     x = np.full((2, 32, 32, 3), 255, dtype=np.float32)
-    a = np.asarray(small_model(x, training=False))
-    b = np.asarray(small_model(x, training=False))
+    a = np.asarray(untrained_model(x, training=False))
+    b = np.asarray(untrained_model(x, training=False))
     np.testing.assert_allclose(a, b)
     np.testing.assert_allclose(a.sum(axis=1), 1, atol=1e-5)
-    assert [layer.name for layer in small_model.layers[1:3]] == ["mirror", "rescale"]
+    assert [layer.name for layer in untrained_model.layers[1:3]] == ["mirror", "rescale"]
 
 
-def test_prediction_is_the_mean_over_the_image_and_its_mirror(small_model):
+def test_prediction_is_the_mean_over_the_image_and_its_mirror(untrained_model):
     """Test-time flip averaging: an image and its mirror image get the same answer, the
     mean of what the network without the averaging says for each."""
     import keras
 
     x = np.random.default_rng(3).integers(0, 256, size=(4, 32, 32, 3)).astype(np.float32)
     mirrored = x[:, :, ::-1]
-    np.testing.assert_allclose(small_model(x, training=False), small_model(mirrored, training=False), atol=1e-6)
-    single = keras.Model(small_model.get_layer("rescale").input, small_model.get_layer("probabilities").output)
+    np.testing.assert_allclose(untrained_model(x, training=False), untrained_model(mirrored, training=False), atol=1e-6)
+    single = keras.Model(untrained_model.get_layer("rescale").input, untrained_model.get_layer("probabilities").output)
     expected = (np.asarray(single(x, training=False)) + np.asarray(single(mirrored, training=False))) / 2
-    np.testing.assert_allclose(small_model(x, training=False), expected, atol=1e-6)
+    np.testing.assert_allclose(untrained_model(x, training=False), expected, atol=1e-6)
     assert not np.allclose(single(x, training=False), single(mirrored, training=False))  # the network alone is not symmetric
 
 
-def test_grad_cam_reads_the_head_or_an_older_models_last_block(small_model):
+def test_grad_cam_reads_the_head_or_an_older_models_last_block(untrained_model):
     """Grad-CAM reads the 1x1 head before pooling; models trained before it existed still
     explain (their last block is read); a network of another kind is one clear error."""
     from simple_cnn import explain
@@ -130,7 +129,7 @@ def test_grad_cam_reads_the_head_or_an_older_models_last_block(small_model):
 
     keras = import_keras()
     x = np.random.default_rng(4).integers(0, 256, size=(2, 32, 32, 3)).astype(np.uint8)
-    heat = explain.heat_maps(small_model, x, np.array([0, 2]))
+    heat = explain.heat_maps(untrained_model, x, np.array([0, 2]))
     assert heat.shape == (2, 2, 2) and 0 <= heat.min() <= heat.max() <= 1  # 32 / 16 = 2 cells a side
 
     plain = model_lib.build_model(3, 32, augment=False)
@@ -144,66 +143,61 @@ def test_grad_cam_reads_the_head_or_an_older_models_last_block(small_model):
         explain.heat_maps(other, x, np.array([0, 0]))
 
 
-@functools.cache
-def _one_weight_model():
-    """Built and compiled once: each fit after the first skips tracing its training step."""
-    from simple_cnn.quiet import import_keras
+class _Clock:
+    """A clock the test moves: a busy machine cannot change what the schedule sees."""
 
-    keras = import_keras()
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    return model
+    def __init__(self):
+        self.now = 0.0
 
-
-def _fit_timed(callbacks, epochs: int, seconds_per_epoch: float, steps: int = 2) -> int:
-    """Fit a one-weight model whose epochs take about ``seconds_per_epoch``; the epochs run."""
-    import time
-
-    from simple_cnn.quiet import import_keras
-
-    keras = import_keras()
-    model = _one_weight_model()
-    slow = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: time.sleep(seconds_per_epoch / steps))
-    x = np.zeros((4 * steps, 2), "float32")
-    history = model.fit(x, x[:, :1], batch_size=4, epochs=epochs, verbose=0, callbacks=[*callbacks, slow])
-    return len(history.history["loss"])
+    def __call__(self) -> float:
+        return self.now
 
 
-def test_time_budget_stops_before_an_epoch_would_overrun():
-    import time
+class _FakeModel:
+    stop_training = False
 
-    from simple_cnn.train import Plan, time_budget
 
-    class FakeModel:
-        stop_training = False
+def _epochs_run(schedule, clock: _Clock, lengths: list[float]) -> int:
+    """Drive ``schedule``'s epoch hooks with epochs of ``lengths`` seconds; the epochs run."""
+    model = _FakeModel()
+    schedule.set_model(model)
+    schedule.on_train_begin()
+    for epoch, seconds in enumerate(lengths):
+        schedule.on_epoch_begin(epoch)
+        clock.now += seconds
+        schedule.on_epoch_end(epoch)
+        if model.stop_training:
+            return epoch + 1
+    return len(lengths)
+
+
+class _Remembered:
+    epochs = None
+
+    def __call__(self, epochs):
+        self.epochs = epochs
+
+
+def test_the_schedule_stops_before_an_epoch_would_overrun_the_budget():
+    from simple_cnn.schedule import Plan, Schedule
 
     def epochs_run(seconds: float) -> int:
-        budget, model = time_budget(Plan(None, seconds)), FakeModel()
-        budget.set_model(model)
-        budget.on_train_begin()
-        for epoch in range(10):
-            budget.on_epoch_begin(epoch)
-            time.sleep(0.3 if epoch == 0 else 0.1)  # the first epoch also builds the graphs
-            budget.on_epoch_end(epoch)
-            if model.stop_training:
-                return epoch + 1
-        return 10
+        clock = _Clock()
+        schedule = Schedule(Plan(10, seconds), 1.0, 0.0, clock=clock)
+        return _epochs_run(schedule, clock, [0.3] + [0.1] * 9)  # the first epoch also builds the graphs
 
     # A fifth epoch would end past 0.65 s (the slow first one is not taken for a typical
     # one once there are others); with ten minutes all ten run.
-    assert 2 <= epochs_run(0.65) <= 4 and epochs_run(600) == 10
+    assert epochs_run(0.65) == 4 and epochs_run(600) == 10
 
 
 def test_early_stopping_counts_only_the_epochs_of_the_decay():
     """A validation loss that never improves stops training ``patience`` epochs after the
     decay starts, not after the first epochs at the held peak; the start follows the plan."""
-    from simple_cnn.train import Plan, early_stopping
-
-    class FakeModel:
-        stop_training = False
+    from simple_cnn.schedule import EarlyStoppingAfterTheHold, Plan
 
     def stopped_after(plan: Plan, choose_at: int | None = None, epochs: int | None = None) -> int:
-        stopper, model = early_stopping(3, plan, decay_from=0.5), FakeModel()
+        stopper, model = EarlyStoppingAfterTheHold(3, plan), _FakeModel()
         stopper.set_model(model)
         stopper.on_train_begin()
         for epoch in range(30):
@@ -214,81 +208,85 @@ def test_early_stopping_counts_only_the_epochs_of_the_decay():
                 return epoch + 1
         return 30
 
-    assert stopped_after(Plan(20)) == 14  # the decay from epoch 11 (index 10): its loss, then 3 without a lower one
-    assert stopped_after(Plan(None), choose_at=2, epochs=12) == 10  # chosen during training: the decay from index 6
-    assert stopped_after(Plan(None)) == 16  # not chosen: the most epochs (25), the decay from index 12
-
-
-class _NoRunState:
-    def remember_epochs(self, epochs):
-        self.remembered = epochs
+    assert stopped_after(Plan(20, decay_start=0.5)) == 14  # the decay from epoch 11 (index 10): its loss, then 3 more
+    assert stopped_after(Plan(None, decay_start=0.5), choose_at=2, epochs=12) == 10  # chosen: the decay from index 6
+    assert stopped_after(Plan(None, decay_start=0.5)) == 16  # not chosen: the most epochs (25), the decay from index 12
 
 
 def test_without_epochs_training_fills_its_budget_within_the_bounds():
     """The epochs are chosen after the second from its speed: as many as fit in the budget, 10 to 25."""
     from simple_cnn.config import AUTO_EPOCHS
-    from simple_cnn.train import Plan, auto_epochs, time_budget
+    from simple_cnn.schedule import Plan, Schedule
 
     low, high = AUTO_EPOCHS
-    roomy, run = Plan(None, 60.0), _NoRunState()  # 600 epochs of 0.1 s would fit: the most, 25
-    assert _fit_timed([auto_epochs(roomy, run, 0.05)], epochs=high, seconds_per_epoch=0.1) == high
-    assert roomy.epochs == run.remembered == high
 
-    between = Plan(None, 2.5, soft=True)  # about 15 epochs of 0.1 s fit after the first two (fewer on a busy machine)
-    ran = _fit_timed([auto_epochs(between, _NoRunState(), 0.05), time_budget(between)], high, 0.1)
+    def run(plan: Plan) -> tuple[int, _Remembered]:
+        clock, remembered = _Clock(), _Remembered()
+        return _epochs_run(Schedule(plan, 1.0, 0.0, remember=remembered, clock=clock), clock, [0.1] * high), remembered
+
+    roomy = Plan(None, 60.0, decay_start=0.05)  # 600 epochs of 0.1 s would fit: the most, 25
+    ran, remembered = run(roomy)
+    assert ran == roomy.epochs == remembered.epochs == high
+
+    between = Plan(None, 1.7, soft_budget=True, decay_start=0.05)  # 15 epochs of 0.1 s fit after the first two
+    ran, _ = run(between)
     assert low <= between.epochs < high and ran <= between.epochs
 
-    tight = Plan(None, 0.5, soft=True)  # only a few fit: the default budget gives way to the fewest epochs
-    assert _fit_timed([auto_epochs(tight, _NoRunState(), 0.05), time_budget(tight)], high, 0.1) == low
-    assert tight.epochs == low and tight.seconds is None
+    tight = Plan(None, 0.5, soft_budget=True, decay_start=0.05)  # only 5 fit: the default budget gives way to the fewest
+    ran, _ = run(tight)
+    assert ran == tight.epochs == low and tight.budget_seconds is None
 
-    hard = Plan(None, 0.5)  # an explicit --max_minutes does not give way
-    assert _fit_timed([auto_epochs(hard, _NoRunState(), 0.05), time_budget(hard)], high, 0.1) < low
+    hard = Plan(None, 0.5, decay_start=0.05)  # an explicit --max_minutes does not give way
+    ran, _ = run(hard)
+    assert ran < low
 
 
-def test_while_the_learning_rate_is_held_the_epochs_follow_the_machine_s_speed(monkeypatch):
+def test_while_the_learning_rate_is_held_the_epochs_follow_the_machine_s_speed():
     """Until the decay starts, the epochs are chosen again after every epoch: a machine
     that speeds up gets more of them, one that slows down fewer, but never so few that
-    the decay would have begun; without a hold the first choice stays. The callback reads
-    a clock the test moves, so a busy machine cannot change what it sees."""
-    import types
+    the decay would have begun; without a hold the first choice stays."""
+    from simple_cnn.config import AUTO_EPOCHS
+    from simple_cnn.schedule import Plan, Schedule
 
-    from simple_cnn import train
+    def epochs_run(decay_start: float, lengths: list[float]) -> tuple[Plan, int, _Remembered]:
+        plan, clock, remembered = Plan(None, 4.0, soft_budget=True, decay_start=decay_start), _Clock(), _Remembered()
+        ran = _epochs_run(Schedule(plan, 1.0, 0.0, remember=remembered, clock=clock), clock, lengths)
+        return plan, ran, remembered
 
-    clock = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
-
-    class FakeModel:
-        stop_training = False
-
-    def epochs_run(settle_at: float, lengths: list[float]) -> tuple[train.Plan, int, _NoRunState]:
-        plan, run, model = train.Plan(None, 4.0, soft=True), _NoRunState(), FakeModel()
-        chooser = train.auto_epochs(plan, run, settle_at)
-        chooser.set_model(model)
-        chooser.on_train_begin()
-        for epoch, seconds in enumerate(lengths):
-            chooser.on_epoch_begin(epoch)
-            clock.now += seconds
-            chooser.on_epoch_end(epoch)
-            if model.stop_training:
-                return plan, epoch + 1, run
-        return plan, len(lengths), run
-
-    low, high = train.AUTO_EPOCHS
+    low, high = AUTO_EPOCHS
     speeding_up = [0.25] * 3 + [0.04] * (high - 3)  # 16 epochs fit at the second's speed
-    held, ran, run = epochs_run(0.5, speeding_up)
-    assert held.epochs == ran == run.remembered == high  # the faster epochs leave time for the most
-    not_held, ran, run = epochs_run(0.05, speeding_up)  # the decay starts after the warmup: the first choice stays
-    assert not_held.epochs == ran == run.remembered == 16
+    held, ran, remembered = epochs_run(0.5, speeding_up)
+    assert held.epochs == ran == remembered.epochs == high  # the faster epochs leave time for the most
+    not_held, ran, remembered = epochs_run(0.05, speeding_up)  # the decay starts after the warmup: the first choice stays
+    assert not_held.epochs == ran == remembered.epochs == 16
 
     slowing_down = [0.1] * 6 + [1.0] * (high - 6)  # after 8 epochs only 9 fit, but the decay starts at 16
-    slowed, ran, run = epochs_run(0.5, slowing_down)
-    assert slowed.epochs == ran == run.remembered == 16 and low < 16 < high
+    slowed, ran, remembered = epochs_run(0.5, slowing_down)
+    assert slowed.epochs == remembered.epochs == 16 and low < 16 < high
+    assert ran == 9  # the budget still stops the run before a tenth epoch of 1 s would overrun its 4 s
+
+
+def test_the_schedule_fills_its_budget_in_a_real_keras_fit():
+    """The schedule chooses the epochs and stops Keras' fit after them (real epochs, real clock)."""
+    import time
+
+    from simple_cnn.config import AUTO_EPOCHS
+    from simple_cnn.quiet import import_keras
+    from simple_cnn.schedule import Plan, Schedule
+
+    keras = import_keras()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    slow = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: time.sleep(0.05))
+    plan = Plan(None, 60.0, decay_start=0.05)  # far more than 25 epochs of 0.1 s fit: the most
+    x = np.zeros((8, 2), "float32")
+    history = model.fit(x, x[:, :1], batch_size=4, epochs=plan.horizon, verbose=0, callbacks=[Schedule(plan, 0.01, 0.0), slow])
+    assert plan.epochs == len(history.history["loss"]) == AUTO_EPOCHS[1]
 
 
 def test_learning_rate_warms_up_is_held_then_decays_to_zero_by_epochs_or_by_the_clock():
     from simple_cnn.quiet import import_keras
-    from simple_cnn.train import Plan, decay_start, learning_rate_schedule
+    from simple_cnn.schedule import Plan, Schedule
 
     keras = import_keras()
 
@@ -300,7 +298,7 @@ def test_learning_rate_warms_up_is_held_then_decays_to_zero_by_epochs_or_by_the_
             on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate))
         )
         x = np.zeros((40, 2), "float32")
-        schedule = learning_rate_schedule(1.0, Plan(4, minutes and minutes * 60), 0.25, decay_start(0.25, hold))
+        schedule = Schedule(Plan(4, minutes and minutes * 60, decay_start=max(0.25, hold)), 1.0, 0.25)
         model.fit(x, x[:, :1], batch_size=4, epochs=4, verbose=0, callbacks=[schedule, record])  # 10 steps an epoch
         return np.array(seen)
 
@@ -318,15 +316,15 @@ def test_learning_rate_warms_up_is_held_then_decays_to_zero_by_epochs_or_by_the_
 
 def test_a_released_pipeline_lets_go_of_its_arrays():
     """TensorFlow keeps the pipeline's gather function after the dataset is gone; once
-    released, the decoded images it read are freed (training's peak memory, README)."""
+    released, the decoded images it read are freed (training's peak memory, docs/train.md)."""
     import gc
     import weakref
 
-    from simple_cnn import data
+    from simple_cnn.pipeline import make_tf_dataset
 
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), np.arange(10, dtype=np.int32)
-    ds = data.make_tf_dataset(x, y, 4)
+    ds = make_tf_dataset(x, y, 4)
     xb, yb = next(iter(ds))
     assert np.array_equal(np.asarray(xb), x[:4].astype(np.float32)) and list(np.asarray(yb)) == [0, 1, 2, 3]
     freed = weakref.ref(x)
@@ -340,10 +338,10 @@ def test_the_training_pipeline_passes_each_image_once_an_epoch_without_a_tuning_
     """Repeated as training repeats it, each epoch is one reshuffled pass; and the pipeline
     runs no tf.data autotuning thread, which a deleted iterator waited for (Keras' fit
     returned up to a minute after the last epoch; bench/README.md)."""
-    from simple_cnn import data
+    from simple_cnn.pipeline import make_tf_dataset
 
     x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
-    ds = data.make_tf_dataset(x, np.arange(10, dtype=np.int32), 4, shuffle=True, seed=1)
+    ds = make_tf_dataset(x, np.arange(10, dtype=np.int32), 4, shuffle=True, seed=1)
     assert ds.options().autotune.enabled is False
     labels = np.concatenate([np.asarray(yb) for _, yb in ds.repeat().take(9)])  # 3 epochs of 3 batches
     epochs = [sorted(labels[i : i + 10]) for i in (0, 10, 20)]

@@ -39,7 +39,7 @@ def _direct(infile: Path) -> list[Requirement]:
 
 @pytest.mark.parametrize("name", ["requirements", "requirements-dev", "requirements-gpu"])
 def test_compiled_requirements_match_their_in_file(name):
-    """Fails when a .in file was edited without recompiling (see README, Dependencies)."""
+    """Fails when a .in file was edited without recompiling (see docs/development.md, Dependencies)."""
     infile, txt = REPO / f"{name}.in", REPO / f"{name}.txt"
     pins = _pins(txt)
     direct = _direct(infile)
@@ -71,7 +71,7 @@ def test_package_dependencies_admit_the_locked_versions():
 
 def test_lock_files_name_no_package_index():
     """Lock files and their sources say how to recompile (scripts/lock), not where from."""
-    for path in [*REPO.glob("requirements*.in"), *REPO.glob("requirements*.txt"), REPO / "README.md"]:
+    for path in [*REPO.glob("requirements*.in"), *REPO.glob("requirements*.txt"), REPO / "README.md", *REPO.glob("docs/*.md")]:
         text = path.read_text()
         assert not re.search(r"--(extra-)?index-url|--find-links|https?://[^\s]*/simple", text), path.name
     for txt in REPO.glob("requirements*.txt"):

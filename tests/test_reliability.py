@@ -1,6 +1,6 @@
 """Bad input, interrupted runs and unsafe files, each run as a user would.
 
-README.md's "Reliability" table lists every test here; test_readme_table_is_in_step
+The Reliability table of docs/reliability.md lists every test here; test_reliability_table_is_in_step
 keeps the two in step.
 """
 
@@ -29,7 +29,8 @@ from conftest import (
     run_cli,
     shape_image,
 )
-from simple_cnn import data
+from simple_cnn.dataset import ImageDataset
+from simple_cnn.images import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
@@ -128,7 +129,7 @@ def odd_run(tmp_path_factory):
     summary["set_aside"] = {c["file"].removeprefix("circle/") for c in summary["duplicates"]["set_aside"]}
     summary["train_files"] = {
         r.relpath.removeprefix("circle/"): r.split
-        for r in data.scan_dataset(root, 0.2, 0.001).images
+        for r in ImageDataset.scan(root, 0.2, 0.001).images
         if r.relpath.startswith("circle/")
     }
     return summary
@@ -190,7 +191,7 @@ def test_unusable_dataset_is_one_clear_line(tmp_path, layout, words):
 
 
 @pytest.fixture(scope="module")
-def small_model(tiny_model):
+def tiny_model_folder(tiny_model):
     """A model trained for one epoch at 24x24 pixels, and its folder (with its dataset, "ds")."""
     return tiny_model.parent.parent, tiny_model
 
@@ -199,8 +200,8 @@ def _classify(work, model, image="ds/circle/circle_000.png"):
     return run_cli("--mode", "classify", "--model_file_path", model, "--single_image_path", image, cwd=work)
 
 
-def test_truncated_or_corrupt_model_is_one_clear_line(small_model, tmp_path):
-    work, model = small_model
+def test_truncated_or_corrupt_model_is_one_clear_line(tiny_model_folder, tmp_path):
+    work, model = tiny_model_folder
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 3])
     assert_one_line_error(_classify(work, truncated), 1, "truncated.keras", "corrupt or truncated")
@@ -212,23 +213,23 @@ def test_truncated_or_corrupt_model_is_one_clear_line(small_model, tmp_path):
     assert_one_line_error(result, 1, "corrupt.keras")
 
 
-def test_file_that_is_not_a_model_is_one_clear_line(small_model, tmp_path):
-    work, _ = small_model
+def test_file_that_is_not_a_model_is_one_clear_line(tiny_model_folder, tmp_path):
+    work, _ = tiny_model_folder
     fake = tmp_path / "notes.keras"
     fake.write_text("just text")
     assert_one_line_error(_classify(work, fake), 1, "notes.keras", "not a readable Keras zip archive")
 
 
-def test_h5_without_keras_metadata_is_one_clear_line(small_model, tmp_path):
-    work, _ = small_model
+def test_h5_without_keras_metadata_is_one_clear_line(tiny_model_folder, tmp_path):
+    work, _ = tiny_model_folder
     bare = tmp_path / "bare.h5"
     with h5py.File(bare, "w") as f:
         f["weights"] = np.zeros(10)
     assert_one_line_error(_classify(work, bare), 1, "bare.h5", "not saved by simple_cnn")
 
 
-def test_model_with_code_is_refused_not_run(small_model, tmp_path):
-    work, _ = small_model
+def test_model_with_code_is_refused_not_run(tiny_model_folder, tmp_path):
+    work, _ = tiny_model_folder
     marker = tmp_path / "code_ran"
     script = f"""
 import keras
@@ -246,16 +247,16 @@ save_model(keras.Model(i, o), {str(tmp_path / "lambda.keras")!r},
     assert not marker.exists()
 
 
-def test_model_for_other_classes_is_refused_in_test_mode(small_model, tmp_path):
-    work, model = small_model
+def test_model_for_other_classes_is_refused_in_test_mode(tiny_model_folder, tmp_path):
+    work, model = tiny_model_folder
     other = make_shapes_dataset(tmp_path / "other", per_class=3)
     os.rename(other / "square", other / "box")
     result = run_cli("--mode", "test", "--model_file_path", model, "--dataset_path", other, cwd=work)
     assert_one_line_error(result, 1, "differ")
 
 
-def test_model_for_another_input_size_resizes_new_images(small_model, tmp_path):
-    work, model = small_model
+def test_model_for_another_input_size_resizes_new_images(tiny_model_folder, tmp_path):
+    work, model = tiny_model_folder
     big = tmp_path / "big.jpg"
     shape_image("square", np.random.default_rng(3), size=300).save(big)
     result = _classify(work, model, big)
@@ -312,7 +313,7 @@ def _read_or_skip(tmp_path_factory, payload: bytes) -> None:
     path = tmp_path_factory.mktemp("fuzz", numbered=True) / "x.img"
     path.write_bytes(payload)
     try:
-        pixels = data.read_image(path, 16)
+        pixels = read_image(path, 16)
     except ValueError as e:
         assert str(e)  # a reason to report
         return
@@ -342,15 +343,15 @@ def test_fuzz_mutated_images_are_read_or_skipped(tmp_path_factory, which, edits,
     _read_or_skip(tmp_path_factory, bytes(payload))
 
 
-# ---------------------------------------------------------------- the README table
+# ---------------------------------------------------------------- the table in docs/reliability.md
 
 
-def test_readme_table_is_in_step():
-    """Every test in this file, test_hostile.py and test_interrupts.py appears in README.md's Reliability
-    table, and the other way round."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+def test_reliability_table_is_in_step():
+    """Every test in this file, test_hostile.py and test_interrupts.py appears in the Reliability
+    table of docs/reliability.md, and the other way round."""
+    text = (REPO / "docs" / "reliability.md").read_text()
+    section = text.split("# Reliability", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", section))
     others = "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_interrupts.py"))
     here = {name for name in globals() if name.startswith("test_")} | set(re.findall(r"^def (test_\w+)", others, re.M))
-    assert named == here, {"missing from README": here - named, "not a test": named - here}
+    assert named == here, {"missing from docs/reliability.md": here - named, "not a test": named - here}

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import CLASSES, add_copies, chromium, run_cli, shape_image
-from simple_cnn import data
+from simple_cnn.dataset import ImageDataset
+from simple_cnn.images import read_image
 
 MARKED = "<blob> & co"  # a class name that would be markup if it were not escaped
 SIZE = 64  # the last block's grid is SIZE / 16 = 4 x 4: a quadrant is 2 x 2 cells
@@ -71,7 +72,7 @@ def test_the_model_learned_and_grad_cam_looks_at_the_disc(corner):
     assert json.loads((corner / "images" / "metrics.json").read_text())["accuracy"] >= 0.9
     model, metadata = formats.load_model(corner / "models" / "cnn_model.keras")
     marked = sorted((corner / "ds" / MARKED).iterdir())[:16]
-    x = np.stack([data.read_image(f, SIZE) for f in marked])
+    x = np.stack([read_image(f, SIZE) for f in marked])
     heat = explain.heat_maps(model, x, np.full(len(x), metadata["class_names"].index(MARKED)))
     assert heat.shape == (16, 4, 4)
     top_left = heat[:, :2, :2].sum(axis=(1, 2)) / heat.sum(axis=(1, 2))
@@ -174,5 +175,5 @@ def test_train_and_test_report_and_set_aside_copies(corner_run):
     tested = result["duplicates"]
     assert {c["file"] for c in tested["set_aside"]} == {files["identical"], files["recoded"], files["mirrored"]}
     assert all(c["copy_of"] == files["original"] for c in tested["set_aside"])
-    assert result["test_images"] == data.scan_dataset(work / "ds").counts()["test"] - 2
+    assert result["test_images"] == ImageDataset.scan(work / "ds").counts()["test"] - 2
     assert "a copy of" in (work / "images" / "report.html").read_text()

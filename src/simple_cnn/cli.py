@@ -28,7 +28,7 @@ from .config import (
     TrainConfig,
     flag_fields,
 )
-from .errors import SimpleCNNError, UsageError, shown
+from .errors import SimpleCNNError, UsageError, printable
 
 log = logging.getLogger("simple_cnn")
 
@@ -176,7 +176,7 @@ def _join_cluster(args, parser, cluster_config: ClusterConfig) -> None:
 def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig):
     """Run the mode; return its result (results.py)."""
     if args.mode == "train":
-        from .data import ensure_digits_dataset
+        from .dataset import ensure_digits_dataset
         from .train import train
 
         dataset = Path(args.dataset_path) if args.dataset_path else ensure_digits_dataset(Path(DEFAULT_DATASET))
@@ -312,7 +312,7 @@ def _print_result(result, as_json: bool) -> None:
 def _error(message: str) -> None:
     """One line on stderr, whatever the message holds (a newline or an escape sequence in a
     file name is shown escaped, never obeyed)."""
-    print(f"simple-cnn: error: {shown(message)}", file=sys.stderr)
+    print(f"simple-cnn: error: {printable(message)}", file=sys.stderr)
 
 
 def _end_now(code: int) -> None:

@@ -18,19 +18,18 @@ DEFAULT_MODEL = "models/cnn_model.keras"
 DEFAULT_IMAGES_DIR = "images"
 DISTRIBUTE_KINDS = ("none", "auto", "mirrored", "multiworker")
 # Without --epochs, training fills a time budget: the epoch count is chosen from the
-# measured speed of the second epoch (README, "How long training runs").
-AUTO_MINUTES = 8.5  # the whole run on flower_photos (3,670 photos, 2 cores) stays under 10 minutes (small copy: 8:18-8:31)
-AUTO_EPOCHS = (10, 25)  # the fewest and the most epochs it chooses (25: the Quickstart on digits stays near a minute)
+# measured speed of the epochs (schedule.py; docs/train.md, "How long training runs").
+AUTO_MINUTES = 8.5  # so that the whole command on flower_photos-sized data stays under 10 minutes on 2 cores
+AUTO_EPOCHS = (10, 25)  # the fewest and the most epochs it chooses (the most: the Quickstart on digits stays near a minute)
 AUTO_EPOCHS_ON_CLUSTERS = 20  # several workers cannot follow one worker's clock
 # Without --batch_size: 32 images a step up to 96 pixels; above, fewer, so that a step
 # holds no more pixels than 32 images of 96. The activations kept for back-propagation
-# grow with the pixels of a step and set training's peak memory: at 112 pixels, batch 32
-# peaked at 1,268,056 KiB (1.30 GB) on flower_photos-small, batch 16 at 1,078,580 KiB
-# (1.10 GB) (bench/README.md, "Tried after the 1x1 layer").
+# grow with the pixels of a step and set training's peak memory, which must stay within
+# 1.2 GB on flower_photos-sized data (measured: bench/README.md, "Tried after the 1x1 layer").
 AUTO_BATCH, AUTO_BATCH_SIDE = 32, 96
 # Without --calibrate or --no-calibrate, a temperature is fitted when the validation split
-# holds at least this many images. flowers-dev's 162 is the smallest split it was measured
-# on (README, "Calibrated probabilities"); on 7 images the fit ran to its bound, 20.
+# holds at least this many images: on much smaller splits the fit runs to its bounds
+# (measured: docs/test.md, "Calibrated probabilities").
 CALIBRATION_MIN_IMAGES = 100
 
 
@@ -90,8 +89,7 @@ class TrainConfig:
     )
     warmup: float = setting(0.05, "fraction of training spent warming the learning rate up from zero")
     # Flat then cosine (fastai's fit_flat_cos): held at its peak, the learning rate explores
-    # longer before it anneals. On flower_photos-small it lowered the validation loss with
-    # each of 4 seeds and raised accuracy with 3 (bench/README.md, "Flat then cosine").
+    # longer before it anneals (why it is the default: bench/README.md, "Flat then cosine").
     hold: float = setting(0.5, "fraction of training (warmup included) before the learning rate starts to decay")
     weight_decay: float = setting(0.05, "AdamW's decoupled weight decay")
     patience: int = setting(
@@ -104,9 +102,8 @@ class TrainConfig:
     class_weight: str = setting(
         "none", "auto: weight the loss by inverse class frequency, for imbalanced datasets", choices=("none", "auto")
     )
-    # On by default where the validation split can carry a fit: on flowers-dev (162
-    # validation images) the temperature lowered the test split's calibration error in each
-    # of the 4 runs of 8 where it was applied (README, "Calibrated probabilities").
+    # On by default where the validation split can carry a fit (measured: docs/test.md,
+    # "Calibrated probabilities").
     calibrate: bool | None = setting(
         None,
         f"fit a temperature on the validation split and bake it into the network (default: when the validation "

@@ -167,7 +167,7 @@ def discover(settings: ClusterConfig | None = None, env=None) -> Membership:
     else:
         raise UsageError(
             "--distribute multiworker needs to know its cluster: set TF_CONFIG on each worker, run it in a Slurm step "
-            "(srun), or in a Kubernetes Indexed Job with --workers and --worker_hosts (see README)"
+            "(srun), or in a Kubernetes Indexed Job with --workers and --worker_hosts (see docs/distributed.md)"
         )
     n = len(membership.addresses)
     if n < 2:
@@ -266,7 +266,9 @@ def make_cluster(kind: str) -> Cluster:
     if kind != "multiworker":
         raise UsageError(f"--distribute must be one of {', '.join(DISTRIBUTE_KINDS)}, not {kind}")
     if not os.environ.get("TF_CONFIG"):
-        raise UsageError("--distribute multiworker needs its cluster: call distribute.join_cluster() first (see README)")
+        raise UsageError(
+            "--distribute multiworker needs its cluster: call distribute.join_cluster() first (see docs/distributed.md)"
+        )
     config = _tf_config()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     return Cluster(

@@ -21,7 +21,7 @@ the test accuracy a memory test. Two kinds of copies are found:
 The rule: a group of copies belongs to the earliest split any of its members falls in
 (train, then validation, then test). A copy that would land in a later split is set
 aside: it is not used there, and the outputs name it. Images without copies keep the
-split :func:`data.split_of` gives them.
+split :func:`dataset.split_of` gives them.
 
 Why our own code: imagededup and ImageHash compute the same hashes but decode every
 file again (our pixels are already in memory), and compare by brute force or a
@@ -30,25 +30,26 @@ Python BK-tree; :func:`near_pairs` is a vectorised pigeonhole index instead.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-# The thresholds were chosen with bench/duplicates_bench.py on flowers-dev and
-# flower_photos-small (figures in bench/README.md): 99% of re-encoded, half-size and
-# mirrored copies pass all three, no two of flowers-dev's 1,000 distinct photos do,
-# nor any two of the tests' look-alike synthetic shapes (which pass the first two:
-# same shape, same place, another shade). A wider NEAR finds more cropped copies
-# but costs ten times as much at 100,000 images.
+# The thresholds were chosen with bench/duplicates_bench.py on real photos (the rates they
+# catch and miss: bench/README.md, "Finding copies"): re-encoded, half-size and mirrored
+# copies pass all three, distinct photos and the tests' look-alike synthetic shapes (which
+# pass the first two: same shape, same place, another shade) do not. A wider NEAR finds
+# more cropped copies but costs far more on large datasets.
 NEAR = 4  # candidates: the hashes differ in at most this many of 64 bits
 SAME = 0.96  # near copies: the mean-free 16x16 thumbnails correlate at least this much
 TINT = 16  # near copies: no colour of a 4x4 grid of cell means differs by more (of 255)
 SMALL = 16  # the confirming thumbnail's side
 GRID = 4  # the colour grid's side
 THUMBNAIL_BYTES = SMALL * SMALL + GRID * GRID * 3  # a row of signatures()' thumbnails
-THUMBNAIL = 32  # the grey thumbnail's side
+HASHED_SIDE = 32  # the side of the grey thumbnail whose DCT gives the pHash
 LOW = 8  # the lowest LOW x LOW frequencies make the 64 bits
 GREY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 luma, as Pillow's convert("L")
 
@@ -124,7 +125,7 @@ def signatures(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]
     # (NumPy's batched products of small matrices, and its grey conversion, are many
     # times slower). Vertically: the 8 DCT rows, the 16 thumbnail rows, the 4 grid rows.
     vertical = np.concatenate(
-        [_dct_rows(THUMBNAIL)[:LOW] @ _area_resize(side, THUMBNAIL), _area_resize(side, SMALL), _area_resize(side, GRID)]
+        [_dct_rows(HASHED_SIDE)[:LOW] @ _area_resize(side, HASHED_SIDE), _area_resize(side, SMALL), _area_resize(side, GRID)]
     ).astype(np.float32)
     # Horizontally, on interleaved RGB: the same 24 rows applied to grey, then the grid per colour.
     grey_rows = np.einsum("jx,c->xcj", vertical[: LOW + SMALL], GREY).reshape(side * 3, -1)
@@ -237,3 +238,44 @@ def groups(n: int, pairs) -> list[list[int]]:
     for i, c in enumerate(component):
         members[c].append(i)
     return [m for m in members.values() if len(m) > 1]
+
+
+@dataclass
+class Fingerprints:
+    """Decoded rows' files, labels and signatures (:func:`signatures`): what the copy rule compares,
+    and what a model file keeps of its training images."""
+
+    files: list[str]
+    labels: np.ndarray
+    hashes: np.ndarray  # uint64 [N, 2]: the pHash of the image and of its mirror image
+    thumbnails: np.ndarray  # uint8 [N, THUMBNAIL_BYTES]: 16x16 grey, 4x4 RGB
+
+    @classmethod
+    def of(cls, files: list[str], labels: np.ndarray, x: np.ndarray) -> Fingerprints:
+        return cls(files, np.asarray(labels), *signatures(x))
+
+    @classmethod
+    def none(cls) -> Fingerprints:
+        return cls([], np.zeros(0, np.int64), *signatures(np.zeros((0, 8, 8, 3), np.uint8)))
+
+    def take(self, keep: np.ndarray) -> Fingerprints:
+        files = [f for f, k in zip(self.files, keep) if k]
+        return Fingerprints(files, self.labels[keep], self.hashes[keep], self.thumbnails[keep])
+
+    def __add__(self, other: Fingerprints) -> Fingerprints:
+        arrays = [(self.labels, other.labels), (self.hashes, other.hashes), (self.thumbnails, other.thumbnails)]
+        return Fingerprints(self.files + other.files, *(np.concatenate(pair) for pair in arrays))
+
+    def as_dict(self) -> dict:
+        return {
+            "files": self.files,
+            "labels": self.labels.tolist(),
+            "phash": [f"{a:016x}{b:016x}" for a, b in self.hashes],
+            "thumbnails": base64.b64encode(self.thumbnails.tobytes()).decode(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fingerprints:
+        hashes = np.array([(int(h[:16], 16), int(h[16:], 16)) for h in d["phash"]], dtype=np.uint64).reshape(-1, 2)
+        thumbnails = np.frombuffer(base64.b64decode(d["thumbnails"]), dtype=np.uint8).reshape(len(hashes), -1)
+        return cls(list(d["files"]), np.array(d["labels"], dtype=np.int64), hashes, thumbnails)

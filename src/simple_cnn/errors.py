@@ -1,5 +1,5 @@
 """The project's exceptions, which ``cli`` turns into one line on stderr and an exit code,
-and :func:`shown`, which keeps any name in such a line (or a table row) on one line."""
+and :func:`printable`, which keeps any name in such a line (or a table row) on one line."""
 
 import os
 
@@ -10,7 +10,7 @@ _UNSAFE |= {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
 _UNSAFE |= {i: f"\\u{i:04x}" for i in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
-def shown(name: str) -> str:
+def printable(name: str) -> str:
     """A file or class name (or a message) safe to print on one line: bytes that are not
     UTF-8 as ``\\xNN``, control characters escaped (``\\n``, ``\\x1b``), so it can neither
     break a line nor drive the terminal."""

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, explain, interrupts, metrics, plots, report
+from . import explain, interrupts, metrics, plots, report
+from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, auto_batch_size
-from .errors import DataError
-from .files import atomic_output, ensure_writable_dir, write_json
+from .dataset import ImageDataset, Split
+from .errors import printable
+from .files import atomic_output, csv_cell, ensure_writable_dir, write_json
 from .formats import load_model, read_fingerprints, read_metadata
 from .model import view_probabilities
+from .pipeline import make_tf_dataset
 from .results import TestResult
 
 log = logging.getLogger(__name__)
@@ -31,71 +34,57 @@ def evaluate(
     """Evaluate ``model_path`` on the test split of ``dataset_path``.
 
     The split is recomputed from the settings stored in the model file, so it is the
-    one training held out. Writes ``confusion_matrix.png``, ``examples_test_images.png``,
-    ``reliability_diagram.png``, ``mistakes.png``, ``mistakes.csv`` and ``metrics.json``
-    to ``images_dir`` and returns the metrics. ``cache_dir``: as in ``data.load_images``.
-    ``min_confidence``: also report the share of test images answered at that confidence
-    and the accuracy on them (classify answers "unknown" below it).
+    one training held out, and test images that copy a training image are set aside
+    (``dataset.ImageDataset.test_split``). Writes ``confusion_matrix.png``,
+    ``examples_test_images.png``, ``reliability_diagram.png``, ``mistakes.png``,
+    ``mistakes.csv``, ``metrics.json`` and ``report.html`` to ``images_dir`` and returns
+    the metrics. ``cache_dir``: as in ``ImageDataset.decode``. ``min_confidence``: also
+    report the share of test images answered at that confidence and the accuracy on
+    them (classify answers "unknown" below it).
     """
+    from .callbacks import SafePoints
+
     ClassifyConfig(min_confidence=min_confidence)
     metadata = read_metadata(model_path)
     images_dir = ensure_writable_dir(Path(images_dir), "images")
-    if cache_dir is not None:
-        cache_dir = data.cache_folder(cache_dir)  # refused before any work
-    class_names = metadata["class_names"]
-    dataset = data.scan_dataset(Path(dataset_path), metadata["val_split"], metadata["test_split"])
-    if dataset.class_names != class_names:
-        raise DataError(
-            f"the classes of {dataset.root} ({', '.join(map(data.shown, dataset.class_names))}) differ from "
-            f"those the model {model_path} was trained on ({', '.join(class_names)}): "
-            "test on the dataset the model was trained on"
-        )
-    records = dataset.split("test")
-    x, y = data.load_images(dataset, records, metadata["image_size"], cache_dir)
-    x, y, files = set_aside_copies_of_training(dataset, model_path, records, x, y)
-    if len(x) == 0:
-        raise DataError(
-            f"the test split of {dataset.root} holds no readable images: add images or retrain with a larger --test_split"
-        )
-
+    cache_dir = cache_folder(cache_dir) if cache_dir is not None else None  # refused before any work
+    dataset = ImageDataset.of_model(dataset_path, metadata, model_path)
+    test = dataset.test_split(metadata["image_size"], read_fingerprints(model_path), cache_dir)
     with interrupts.deferred():  # TensorFlow works: a signal waits for a safe point
         model, _ = load_model(model_path)
-        batches = data.make_tf_dataset(x, y, batch_size or auto_batch_size(metadata["image_size"]))
-        views = view_probabilities(model, batches, callbacks=[interrupts.safe_points()])
-    probabilities = views.mean(axis=1)  # the network's output: the mean over the image and its mirror
-    result = score(views, y, metadata, min_confidence, str(model_path), dataset)
+        batches = make_tf_dataset(test.x, test.y, batch_size or auto_batch_size(metadata["image_size"]))
+        views = view_probabilities(model, batches, callbacks=[SafePoints()])
+    result = score(views, test.y, metadata, min_confidence, str(model_path), dataset.summary())
+    result.images_written = write_outputs(images_dir, metadata, result, model, test, views.mean(axis=1))
+    return result
+
+
+def write_outputs(images_dir: Path, metadata: dict, result: TestResult, model, test: Split, probabilities) -> list[str]:
+    """The plots, ``mistakes.csv``, ``metrics.json`` and the report page; their paths."""
+    names, x, y = metadata["class_names"], test.x, test.y
     predicted = probabilities.argmax(axis=1)
     worst = metrics.worst_mistakes(probabilities, y)
     written = [
-        plots.confusion_matrix(np.array(result.confusion_matrix), class_names, images_dir / "confusion_matrix.png"),
+        plots.confusion_matrix(np.array(result.confusion_matrix), names, images_dir / "confusion_matrix.png"),
         plots.sample_grid(
             x,
-            lambda i: f"true: {class_names[y[i]]}\npredicted: {class_names[predicted[i]]}",
+            lambda i: f"true: {names[y[i]]}\npredicted: {names[predicted[i]]}",
             images_dir / "examples_test_images.png",
             "Test images",
             seed=0,
         ),
         plots.reliability_diagram(result.calibration["bins"], result.calibration["ece"], images_dir / "reliability_diagram.png"),
-        write_mistakes(images_dir / "mistakes.csv", worst, files, probabilities, y, class_names),
-        plots.image_grid(
-            x[worst[:16]],
-            [
-                f"true: {class_names[y[i]]}\npredicted: {class_names[predicted[i]]} ({probabilities[i].max():.2f})"
-                for i in worst[:16]
-            ],
-            images_dir / "mistakes.png",
-            f"The {min(16, len(worst))} worst mistakes of {len(worst)}",
-            columns=4,
-        )
-        if len(worst)
-        else None,
-        images_dir / "metrics.json",
+        write_mistakes(images_dir / "mistakes.csv", worst, test.files, probabilities, y, names),
     ]
+    if len(worst):
+        titles = [f"true: {names[y[i]]}\npredicted: {names[predicted[i]]} ({probabilities[i].max():.2f})" for i in worst[:16]]
+        title = f"The {min(16, len(worst))} worst mistakes of {len(worst)}"
+        written.append(plots.image_grid(x[worst[:16]], titles, images_dir / "mistakes.png", title, columns=4))
     write_json(images_dir / "metrics.json", result.as_dict())
+    written.append(images_dir / "metrics.json")
     with interrupts.deferred(finishing=True):  # Grad-CAM runs TensorFlow; the page is the last file
-        written.append(write_test_report(images_dir, metadata, result, model, x, y, probabilities, files, worst))
-    result.images_written = [str(p) for p in written if p is not None]
-    return result
+        written.append(write_test_report(images_dir, metadata, result, model, x, y, probabilities, test.files, worst))
+    return [str(p) for p in written]
 
 
 def write_test_report(images_dir: Path, metadata: dict, result: TestResult, model, x, y, probabilities, files, worst) -> Path:
@@ -126,29 +115,7 @@ def gradcam_overlays(model, x, y, probabilities, worst) -> list[tuple[int, str]]
     return [(int(r), report.thumbnail(explain.overlay(x[r], h))) for r, h in zip(rows, heat)]
 
 
-def set_aside_copies_of_training(dataset, model_path, records, x, y):
-    """Leave out test images that copy a training or validation image: ``(x, y, files)``.
-
-    The training images' fingerprints come from the model file (``duplicates.py``);
-    byte-identical copies were already set aside by the scan.
-    """
-    test = data.Fingerprints.of(dataset, records, x, y)
-    saved = read_fingerprints(model_path)
-    if saved is None:
-        log.warning(
-            f"{model_path} holds no fingerprints of its training images (saved by an older simple_cnn): "
-            "test images that are near copies of training images cannot be set aside"
-        )
-        training = data.Fingerprints.none()
-    else:
-        training = data.Fingerprints.from_dict(saved)
-    keep = data.set_aside_near_copies(dataset, training, test)
-    if keep.all():
-        return x, y, test.files
-    return x[keep], y[keep], test.take(keep).files
-
-
-def score(views: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: float, model_path: str, dataset) -> TestResult:
+def score(views: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: float, model_path: str, summary: dict) -> TestResult:
     """Every test metric of the network's output against the labels ``y`` (scikit-learn's where it has them).
 
     ``views``: the probabilities of each view, ``(images, views, classes)``
@@ -173,11 +140,11 @@ def score(views: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: floa
     temperature = (metadata.get("calibration") or {}).get("temperature")
     uncalibrated = metrics.rescale_views(views, 1 / temperature) if temperature else probabilities
     answered = probabilities.max(axis=1) >= min_confidence
+    bins = metrics.reliability_bins(probabilities, y)
     return TestResult(
+        **summary,
         model_file_path=model_path,
-        dataset_path=str(dataset.root),
         test_images=int(len(y)),
-        skipped=dataset.skipped_list(),
         accuracy=correct / len(y),
         accuracy_interval=list(metrics.wilson_interval(correct, len(y))),
         balanced_accuracy=float(balanced_accuracy_score(y, predicted)),
@@ -187,17 +154,15 @@ def score(views: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: floa
         # second one through model.evaluate().
         loss=float(log_loss(y, probabilities, labels=labels)),
         chance_accuracy=float(np.bincount(y, minlength=len(labels)).max() / len(y)),
-        duplicates=dataset.copies.report(class_names),
         calibration={
-            "ece": metrics.expected_calibration_error(probabilities, y),
+            "ece": metrics.ece_of(bins),
             "ece_uncalibrated": metrics.expected_calibration_error(uncalibrated, y) if temperature else None,
             "temperature": temperature,
-            "bins": metrics.reliability_bins(probabilities, y),
+            "bins": bins,
         },
         min_confidence=min_confidence or None,
         coverage=float(answered.mean()) if min_confidence else None,
         accuracy_answered=float((predicted == y)[answered].mean()) if min_confidence and answered.any() else None,
-        class_names=class_names,
         per_class=classification_report(y, predicted, labels=labels, target_names=class_names, output_dict=True, zero_division=0),
         confusion_matrix=confusion_matrix(y, predicted, labels=labels).tolist(),
         report=classification_report(y, predicted, labels=labels, target_names=class_names, zero_division=0),
@@ -212,8 +177,8 @@ def write_mistakes(path: Path, worst: np.ndarray, files: list[str], probabilitie
     for i in worst:
         p, guess = probabilities[i], int(probabilities[i].argmax())
         loss = -np.log(max(float(p[y[i]]), 1e-12))
-        row = [data.shown(files[i]), names[y[i]], names[guess], f"{p[guess]:.4f}", f"{p[y[i]]:.4f}", f"{loss:.4f}"]
-        writer.writerow([data.csv_cell(c) for c in row])
+        row = [printable(files[i]), names[y[i]], names[guess], f"{p[guess]:.4f}", f"{p[y[i]]:.4f}", f"{loss:.4f}"]
+        writer.writerow([csv_cell(c) for c in row])
     with atomic_output(path) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
     return path

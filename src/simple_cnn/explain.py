@@ -44,7 +44,7 @@ def heat_maps(model, x: np.ndarray, classes: np.ndarray, batch: int = 64) -> np.
             features, probabilities = probe(images, training=False)
             score = tf.math.log(tf.gather(probabilities, chosen, axis=1, batch_dims=1) + 1e-12)
         gradients = tape.gradient(score, features)
-        # A network that averages over mirror images (model.mirror_layers) ran the batch
+        # A network that averages over mirror images (layers.py) ran the batch
         # and its mirrors: the maps are those of the images themselves, the first half.
         features, gradients = features[: len(images)], gradients[: len(images)]
         weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)

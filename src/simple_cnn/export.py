@@ -1,19 +1,25 @@
 """Export mode: the trained model in another format, beside it (see ``formats.py``).
 
 ``--quantize float16|int8`` writes a quantized LiteRT copy and measures what it costs
-and saves against the float32 model on the test split.
+and saves against the float32 model on the test split, the very images ``--mode test``
+scores (``dataset.ImageDataset.test_split``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import data, formats
+from . import formats
+from .dataset import ImageDataset
 from .errors import DataError
 from .results import ExportResult
+from .runtime import LiteRT, verified_litert_copy
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 300  # training images that calibrate int8 activations
 
@@ -53,29 +59,27 @@ def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dat
     ``dataset_path``. Measured: file size, test accuracy, one image's latency and
     images per second on LiteRT, for the float32 and the quantized model alike.
     """
-    from .classify import LiteRT
-
     root = Path(dataset_path or metadata.get("dataset_path") or "")
     if not root.is_dir():
         raise DataError(
             f"--quantize needs the dataset the model was trained on (to calibrate and to measure accuracy), "
             f"and {root} is not a folder: give --dataset_path"
         )
-    dataset = data.scan_dataset(root, metadata["val_split"], metadata["test_split"])
+    if not dataset_path:
+        log.info(f"Measuring on {root}, the dataset recorded in {model_path} (--dataset_path chooses another)")
+    dataset = ImageDataset.of_model(root, metadata, model_path)
     size = metadata["image_size"]
     calibration = None
     if quantize == "int8":
         train = dataset.split("train")
         pick = np.random.default_rng(0).choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False)
-        calibration, _ = data.load_images(dataset, [train[i] for i in sorted(pick)], size)
+        calibration = dataset.decode([train[i] for i in sorted(pick)], size).x
     embedded = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256} | {"quantization": quantize}
     path, _ = formats.write_tflite(model, model_path, embedded, quantize, calibration)
-    x, y = data.load_images(dataset, dataset.split("test"), size)
-    if len(x) == 0:
-        raise DataError(f"the test split of {root} holds no readable images: nothing to measure the quantized model on")
+    test = dataset.test_split(size, formats.read_fingerprints(model_path))
+    x, y = test.x, test.y
     # The float32 LiteRT model: the copy training wrote, if it is the verified one; else converted in memory.
-    reference = formats.read_verified(formats.tflite_path(model_path), metadata.get(formats.LITERT_SHA256))
-    reference = reference or formats.litert_bytes(model, metadata)
+    reference = verified_litert_copy(model_path, metadata) or formats.litert_bytes(model, metadata)
     measured = {"float32": measure(LiteRT(reference), len(reference), x, y)}
     measured[quantize] = measure(LiteRT(path.read_bytes()), path.stat().st_size, x, y)
     files = [str(path), str(formats.write_labels(model_path, metadata["class_names"]))]

@@ -1,10 +1,13 @@
-"""Writing output files so that nothing the user had is ever lost.
+"""Reading and writing files safely: nothing the user had is ever lost, nothing hangs.
 
 Every file simple_cnn writes (model, plots, metrics, caches) goes through :func:`atomic_output`,
 and every folder (a SavedModel export, the digits dataset) through :func:`atomic_dir`:
 the content is written to a temporary file in the same folder and renamed over the
 target only when complete. ``os.replace`` is atomic on POSIX and Windows, so a reader
 (or a crash) sees either the old file or the new one, never half of one.
+
+Reading goes through :func:`open_regular_file`, which refuses a FIFO, a device or a
+socket without blocking, so a file named like an image or a model can never hang a run.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import SimpleCNNError
+from .errors import DataError, SimpleCNNError
 
 
 def ensure_writable_dir(folder: Path, what: str) -> Path:
@@ -89,3 +93,48 @@ def write_json(path: Path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def os_reason(e: OSError) -> str:
+    """A short reason for an operating system's refusal, for a "skipped: ..." line."""
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, FileNotFoundError):
+        return "file not found (broken link?)"
+    return e.strerror or str(e) or type(e).__name__  # e.g. a symbolic link loop
+
+
+def open_regular_file(path: Path):
+    """Open ``path`` for reading in binary mode, if it is a regular file.
+
+    Anything else (a FIFO, a device, a socket) raises ValueError without blocking: the
+    file is opened non-blocking and checked on the descriptor itself (no check-then-open
+    race), so a FIFO named like an image can never hang a run.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise ValueError(os_reason(e)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file (a FIFO, device or socket)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path, limit: int = 1 << 30) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; else DataError."""
+    try:
+        with open_regular_file(path) as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise DataError(f"{path} is larger than {limit:,} bytes: is it a model file?")
+            return f.read(limit + 1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def csv_cell(text: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: one starting with =, +, -, @ (or a tab or
+    carriage return) would be run as a formula, so it gets a leading apostrophe (OWASP's
+    advice against CSV injection)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

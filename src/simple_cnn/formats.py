@@ -30,16 +30,15 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
 
-from .data import MAX_PIXELS, open_regular_file
+from .duplicates import Fingerprints
 from .errors import DataError, UsageError
-from .files import atomic_dir, atomic_output
-from .model import mirror_layers
-from .quiet import c_noise_hidden, import_keras, import_tensorflow
+from .files import atomic_dir, atomic_output, read_regular
+from .images import MAX_PIXELS
+from .quiet import import_keras, import_tensorflow, native_stderr_hidden
 
 MODEL_SUFFIXES = (".keras", ".h5")
 METADATA_MEMBER = "simple_cnn.json"  # an extra member of the .keras zip archive
@@ -84,18 +83,20 @@ def save_model(model, path, metadata: dict, fingerprints: dict | None = None) ->
                     f.create_dataset(FINGERPRINTS, data=np.frombuffer(prints, dtype=np.uint8), compression="gzip")
 
 
-def read_fingerprints(path) -> dict | None:
+def read_fingerprints(path) -> Fingerprints | None:
     """The training images' fingerprints saved by :func:`save_model`, or None (older files)."""
     path = check_model_path(path)
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
-                return json.loads(archive.read(FINGERPRINTS + ".json"))
-        import h5py
+                saved = json.loads(archive.read(FINGERPRINTS + ".json"))
+        else:
+            import h5py
 
-        with h5py.File(path, "r") as f:
-            return json.loads(f[FINGERPRINTS][()].tobytes())
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+            with h5py.File(path, "r") as f:
+                saved = json.loads(f[FINGERPRINTS][()].tobytes())
+        return Fingerprints.from_dict(saved)
+    except (KeyError, OSError, ValueError, TypeError, zipfile.BadZipFile):
         return None
 
 
@@ -152,7 +153,7 @@ def load_model(path):
     """
     metadata = read_metadata(path)
     keras = import_keras()
-    mirror_layers()  # registers the network's own layers with Keras
+    from . import layers  # noqa: F401 (registers the network's own layers with Keras)
 
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
@@ -217,7 +218,7 @@ def litert_bytes(model, metadata: dict, quantize: str | None = None, calibration
     elif quantize == "int8":
         converter.representative_dataset = lambda: ([calibration[i : i + 1].astype("float32")] for i in range(len(calibration)))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with _converter_quiet(), c_noise_hidden():  # the int8 calibrator also writes to fd 2 from C++
+    with _converter_quiet(), native_stderr_hidden():  # the int8 calibrator also writes to fd 2 from C++
         flat = converter.convert()
     return _with_metadata(flat, metadata)
 
@@ -266,17 +267,6 @@ def read_verified(path: Path, sha256: str | None, limit: int = 1 << 30) -> bytes
     except DataError:
         return None
     return content if hashlib.sha256(content).hexdigest() == sha256 else None
-
-
-def read_regular(path: Path, limit: int = 1 << 30) -> bytes:
-    """The bytes of ``path``, a regular file of at most ``limit`` bytes; else DataError."""
-    try:
-        with open_regular_file(path) as f:
-            if os.fstat(f.fileno()).st_size > limit:
-                raise DataError(f"{path} is larger than {limit:,} bytes: is it a model file?")
-            return f.read(limit + 1)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
 
 
 def read_tflite_metadata(path) -> dict | None:

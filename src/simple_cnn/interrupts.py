@@ -9,7 +9,7 @@ the native heap (a training interrupted by SIGINT once died of glibc's
 :func:`deferred`, a signal is only recorded, and raised as ``KeyboardInterrupt`` at the
 next safe point:
 
-- the start of a Keras step, an epoch or a validation step (:func:`safe_points`, a Keras
+- the start of a Keras step, an epoch or a validation step (``callbacks.SafePoints``, a Keras
   callback: about a second away on any dataset);
 - :func:`check`, between two of our own steps;
 - the end of the ``deferred`` block.
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-
-from .quiet import import_keras
 
 _depth = 0  # how many deferred() blocks are open
 _pending: int | None = None  # the signal recorded inside them, not yet raised
@@ -76,27 +74,3 @@ def deferred(finishing: bool = False):
         _pending = None
     else:
         check()
-
-
-def safe_points():
-    """A Keras callback that raises a recorded signal at the start of each step and epoch.
-
-    Begin hooks, not end hooks: Keras runs batch-end hooks on a thread of its own when it
-    can, and an overridden end hook would make it wait for every step's results.
-    """
-    keras = import_keras()
-
-    class SafePoints(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            check()
-
-        def on_train_batch_begin(self, batch, logs=None):
-            check()
-
-        def on_test_batch_begin(self, batch, logs=None):
-            check()
-
-        def on_predict_batch_begin(self, batch, logs=None):
-            check()
-
-    return SafePoints()

@@ -6,53 +6,14 @@ model, and augmentation layers act only in training.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from .quiet import import_keras
 
-# The 1x1 convolution before pooling (MobileNet's last layer): pooled directly, the last
-# block's 256 channels underfit (training accuracy 0.87-0.88); widened to 512, validation
-# accuracy rose from 0.775-0.785 to 0.814 and 0.821 on flower_photos-small, and 1024 gave
-# 0.797 (bench/README.md, "A wider head").
+# The 1x1 convolution before pooling (MobileNet's last layer) widens the last block's 256
+# channels, which underfit when pooled directly; 512 did best of the widths tried
+# (bench/README.md, "A wider head").
 HEAD_FILTERS = 512
-
-
-@functools.cache
-def mirror_layers():
-    """The two layers that average each prediction over the image and its mirror image.
-
-    Test-time augmentation, inside the network so that every runtime and export (Keras,
-    LiteRT, SavedModel, ONNX) does it with no extra step: at inference, ``MirrorBatch``
-    appends each image's left-right mirror to the batch and ``MirrorMean`` averages the two
-    halves' probabilities. In training both pass their input through: the random flip
-    augmentation already shows the network mirror images. Defined on first use (importing
-    Keras is slow) and registered with Keras, so that saved models load in safe mode.
-    """
-    keras = import_keras()
-    ops = keras.ops
-
-    @keras.saving.register_keras_serializable(package="simple_cnn")
-    class MirrorBatch(keras.layers.Layer):
-        def call(self, images, training=None):
-            return images if training else ops.concatenate([images, ops.flip(images, axis=2)], axis=0)
-
-        def compute_output_shape(self, input_shape):
-            return (None, *input_shape[1:])
-
-    @keras.saving.register_keras_serializable(package="simple_cnn")
-    class MirrorMean(keras.layers.Layer):
-        def call(self, probabilities, training=None):
-            if training:
-                return probabilities
-            images, mirrors = ops.split(probabilities, 2, axis=0)
-            return (images + mirrors) / 2
-
-        def compute_output_shape(self, input_shape):
-            return (None, *input_shape[1:])
-
-    return MirrorBatch, MirrorMean
 
 
 def build_model(num_classes: int, image_size: int, augment: bool = True, dropout: float = 0.25):
@@ -66,7 +27,7 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
     Separable convolutions cost about a ninth of full 3x3 ones for the same width.
 
     With ``augment``, which flips images left-right in training, the network also averages
-    its prediction over each image and its mirror at inference (``mirror_layers``).
+    its prediction over each image and its mirror at inference (``layers.py``).
 
     Batch norm uses momentum 0.9, not Keras' 0.99: small datasets give few steps per
     epoch, and with 0.99 the moving statistics used at inference lag so far behind the
@@ -76,8 +37,9 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
     layers = keras.layers
 
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    mirror_batch, mirror_mean = mirror_layers()
-    x = mirror_batch(name="mirror")(inputs) if augment else inputs
+    from .layers import MirrorBatch, MirrorMean
+
+    x = MirrorBatch(name="mirror")(inputs) if augment else inputs
     x = layers.Rescaling(1.0 / 255, name="rescale")(x)
     if augment:  # random layers are identity at inference time
         x = layers.RandomFlip("horizontal", name="aug_flip")(x)
@@ -103,7 +65,7 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     if augment:
-        outputs = mirror_mean(dtype="float32", name="mirror_mean")(outputs)
+        outputs = MirrorMean(dtype="float32", name="mirror_mean")(outputs)
     return keras.Model(inputs, outputs, name="simple_cnn")
 
 

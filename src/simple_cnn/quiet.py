@@ -16,7 +16,7 @@ import sys
 
 
 @contextlib.contextmanager
-def c_noise_hidden():
+def native_stderr_hidden():
     """Point fd 2 at /dev/null for the duration, if TF_CPP_MIN_LOG_LEVEL is 3."""
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
         yield
@@ -34,7 +34,7 @@ def c_noise_hidden():
 
 def import_tensorflow():
     if "tensorflow" not in sys.modules:
-        with c_noise_hidden(), sklearn_deferred():  # importing TensorFlow imports Keras
+        with native_stderr_hidden(), sklearn_deferred():  # importing TensorFlow imports Keras
             import tensorflow
         if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
             import absl.logging
@@ -58,8 +58,8 @@ def sklearn_deferred():
     """Keep Keras' import from loading scikit-learn, which simple_cnn imports only where it uses it.
 
     Keras imports scikit-learn, when installed, for its ``keras.wrappers`` estimators,
-    which simple_cnn does not use: about 57 MB held for the whole of a training run,
-    whose peak memory is a goal (bench/README.md, "Memory"). Marking the module absent
+    which simple_cnn does not use: memory held for the whole of a training run, whose
+    peak memory is a goal (measured: bench/README.md, "Memory"). Marking the module absent
     makes Keras take its own "scikit-learn not installed" path; afterwards scikit-learn
     imports as usual. If it is already loaded, nothing changes, so a notebook that wants
     ``keras.wrappers`` imports scikit-learn before simple_cnn first imports TensorFlow.

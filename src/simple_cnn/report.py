@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .errors import shown
+from .errors import printable
 from .files import atomic_output
 
-THUMBNAIL = 96  # pixels: thumbnails are JPEG at this size
+THUMBNAIL_SIZE = 96  # pixels: the report's thumbnails are JPEG at this size
 PER_CELL = 24  # images shown per confusion-matrix cell
 GRADCAM = 4  # overlays of correct and of wrong test images, each
 
@@ -58,7 +58,7 @@ code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;overf
 @media (max-width:600px){main{padding:8px}.metric{min-width:42%}}
 """
 
-PAGE = Template("""<!DOCTYPE html>
+REPORT_TEMPLATE = Template("""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -80,7 +80,7 @@ $body
 
 def esc(text) -> str:
     """A name from the dataset (or anything else), safe inside HTML text and attributes."""
-    return html.escape(shown(str(text)), quote=True)
+    return html.escape(printable(str(text)), quote=True)
 
 
 def data_uri(content: bytes, kind: str) -> str:
@@ -91,7 +91,7 @@ def png_file(path: Path) -> str:
     return data_uri(Path(path).read_bytes(), "png")
 
 
-def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> str:
+def thumbnail(image: np.ndarray, size: int = THUMBNAIL_SIZE) -> str:
     """A uint8 RGB image as a ``size``-pixel JPEG data URI."""
     buf = io.BytesIO()
     Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=85)
@@ -311,7 +311,7 @@ def write_report(
         ]
     body += [picture(title, path) for title, path in figures.items()]
     body.append(files_section(skipped or [], duplicates))
-    page = PAGE.substitute(
+    page = REPORT_TEMPLATE.substitute(
         title=esc(metadata.get("dataset_path", "")),
         style=STYLE,
         summary=summary_line(metadata),

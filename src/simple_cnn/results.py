@@ -10,12 +10,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 UNKNOWN = "unknown"  # classify's answer below --min_confidence
 
 
 def answer(top_k: list[dict], min_confidence: float) -> str:
     """The most likely class, or "unknown" when its probability is below ``min_confidence``."""
     return top_k[0]["class"] if top_k[0]["probability"] >= min_confidence else UNKNOWN
+
+
+def top_classes(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
+    """The ``top_k`` most likely classes of one image's probabilities, most likely first."""
+    order = np.argsort(probabilities)[::-1][: max(1, top_k)]
+    return [{"class": class_names[i], "probability": float(probabilities[i])} for i in order]
 
 
 @dataclass
@@ -65,7 +73,7 @@ class TrainResult(Result):
     tflite_file_path: str | None = None
     calibration: dict | None = None  # the temperature and the validation ECE before and after
     imbalance: float | None = None  # the largest class over the smallest, in the training split
-    duplicates: dict | None = None  # data.Copies.report(): groups, images, set_aside, mixed_labels
+    duplicates: dict | None = None  # dataset.Copies.report(): groups, images, set_aside, mixed_labels
     images_written: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
 
@@ -96,7 +104,6 @@ class WorkerResult(Result):
     epochs_run: int
     train_seconds: float
     wall_seconds: float
-    chief: bool = False
 
     def human(self) -> str:
         return (
@@ -121,13 +128,15 @@ class TestResult(Result):
     loss: float
     chance_accuracy: float  # the majority class's share: what always guessing it scores
     calibration: dict  # ece, ece_uncalibrated, temperature, bins (15 equal-width confidence bins)
-    duplicates: dict  # data.Copies.report(): copies of training images are set aside, not scored
+    duplicates: dict  # dataset.Copies.report(): copies of training images are set aside, not scored
     min_confidence: float | None  # with --min_confidence: the share answered and their accuracy
     coverage: float | None
     accuracy_answered: float | None
     class_names: list[str]
     per_class: dict
     confusion_matrix: list[list[int]]
+    images: dict[str, int] | None = None  # images per split, found by the scan
+    imbalance: float | None = None  # the largest class over the smallest, in the training split
     report: str = field(default="", repr=False)  # scikit-learn's text report, for humans only
     images_written: list[str] = field(default_factory=list)
 

@@ -136,6 +136,8 @@ class RunState:
         BackupAndRestore marks the epoch as done.
         """
         keras = import_keras()
+        from .callbacks import ResumeNote
+
         history = self.history()
         best_so_far = min(history["val_loss"]) if history.get("val_loss") else None
         return [
@@ -148,7 +150,7 @@ class RunState:
                 initial_value_threshold=best_so_far,
             ),
             *training_callbacks,
-            _resume_note(),
+            ResumeNote(),
             keras.callbacks.BackupAndRestore(str(self.folder / "backup"), double_checkpoint=True),
         ]
 
@@ -164,23 +166,3 @@ class RunState:
     def finish(self) -> None:
         """Training is over: nothing left to resume."""
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _resume_note():
-    """A callback that says, once, which epoch a resumed run starts from.
-
-    Keras' ``fit`` passes the first epoch it runs to ``on_epoch_begin``: after
-    BackupAndRestore restored a state, that is the number of epochs already done.
-    """
-    keras = import_keras()
-
-    class ResumeNote(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.first = True
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if self.first and epoch > 0:
-                log.info(f"Resuming the unfinished run after epoch {epoch} (--fresh starts over)")
-            self.first = False
-
-    return ResumeNote()

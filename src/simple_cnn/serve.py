@@ -32,15 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .classify import Predictor, read_model_metadata, top_classes
 from .config import ClassifyConfig, ServeConfig
-from .errors import DataError
-from .results import ClassifyResult
+from .errors import DataError, printable
+from .images import decode_stream
+from .results import ClassifyResult, top_classes
+from .runtime import open_model
 
 log = logging.getLogger(__name__)
 
-PAGE = Path(__file__).with_name("serve_page.html")
+UPLOAD_PAGE = Path(__file__).with_name("serve_page.html")  # GET /: pick or drop a photo
 
 
 class Batcher:
@@ -122,17 +122,17 @@ class _Waiting:
         self.woken = threading.Event()
 
 
-class Model:
-    """The served model: metadata and a predictor that batches concurrent requests."""
+class ServedModel:
+    """The served model: its name, metadata and a predictor that batches concurrent requests."""
 
     def __init__(self, model_path: Path, classify: ClassifyConfig):
         self.path = Path(model_path)
         self.name = self.path.name.split(".")[0]
-        self.metadata = read_model_metadata(self.path)
-        self.predictor = Predictor(self.path, self.metadata)
+        self.predictor = open_model(self.path)
+        self.metadata = self.predictor.metadata
         self.classify = classify
-        # LiteRT's time grows with the batch (1.28 ms for one image, 11.25 ms for 8: bench/serve_bench.py),
-        # so batching would only enlarge its memory arena; Keras' time is mostly per call (README, "--mode serve").
+        # LiteRT's time grows with the batch (bench/serve_bench.py), so batching would only
+        # enlarge its memory arena; Keras' time is mostly per call (bench/README.md, "serve").
         self.batcher = Batcher(self.predictor, max_images=1 if self.predictor.runtime == "litert" else 64)
 
     def probabilities(self, images: list[bytes]) -> np.ndarray:
@@ -141,118 +141,174 @@ class Model:
         pixels = []
         for i, content in enumerate(images):
             try:
-                pixels.append(data.decode_stream(io.BytesIO(content), size))
+                pixels.append(decode_stream(io.BytesIO(content), size))
             except ValueError as e:
                 which = f"image {i}" if len(images) > 1 else "the image"
                 raise ValueError(f"cannot read {which}: {e}") from None
         return self.batcher(np.stack(pixels))
 
 
-def build_app(model: Model, config: ServeConfig):
-    """The ASGI application serving ``model``."""
-    from starlette.applications import Starlette
+# ---------------------------------------------------------------- the endpoints
+# Module-level Starlette endpoints: the model and the settings are the app's state
+# (``request.app.state.model``, ``.config``), set by :func:`build_app`.
+
+
+def _too_large(config: ServeConfig):
+    from starlette.exceptions import HTTPException
+
+    return HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)")
+
+
+def _refuse_declared_size(request) -> None:
+    config = request.app.state.config
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
+        raise _too_large(config)
+
+
+async def _body(request) -> bytes:
+    """The request body, refused above the size limit (413) without reading it all."""
+    _refuse_declared_size(request)
+    config = request.app.state.config
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > config.max_body_bytes:
+            raise _too_large(config)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _image_of(request) -> tuple[bytes, str]:
+    """The uploaded image and its name: a multipart form's first file, or the raw body."""
+    from starlette.exceptions import HTTPException
+
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        _refuse_declared_size(request)  # a chunked upload is bounded by max_part_size (then 400)
+        limit = request.app.state.config.max_body_bytes
+        async with request.form(max_files=1, max_fields=8, max_part_size=limit) as form:
+            upload = next((v for v in form.values() if hasattr(v, "read")), None)
+            if upload is None:
+                raise HTTPException(400, "the form holds no file: send the image as a file field")
+            return await upload.read(), upload.filename or "upload"
+    return await _body(request), "upload"
+
+
+async def _predicted(model: ServedModel, images: list[bytes]) -> np.ndarray:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import HTMLResponse, JSONResponse
+
+    try:
+        return await run_in_threadpool(model.probabilities, images)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+
+
+async def classify_endpoint(request):
+    """``POST /classify``: one image, the same JSON as ``--mode classify --json``."""
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+
+    model = request.app.state.model
+    content, name = await _image_of(request)
+    if not content:
+        raise HTTPException(400, "the body is empty: send an image (raw bytes or a multipart upload)")
+    probabilities = (await _predicted(model, [content]))[0]
+    top = top_classes(probabilities, model.metadata["class_names"], model.classify.top_k)
+    result = ClassifyResult(name, str(model.path), model.predictor.runtime, top, model.classify.min_confidence)
+    return JSONResponse(result.as_dict())
+
+
+def _check_name(model: ServedModel, name: str) -> None:
+    from starlette.exceptions import HTTPException
+
+    if name != model.name:
+        raise HTTPException(404, f"Servable not found for request: Latest({name}); this server has {model.name}")
+
+
+async def status_endpoint(request):
+    """``GET /v1/models/<name>``: TensorFlow Serving's model status."""
+    from starlette.responses import JSONResponse
+
+    _check_name(request.app.state.model, request.path_params["name"])
+    state = {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    return JSONResponse({"model_version_status": [state]})
+
+
+async def predict_endpoint(request):
+    """``POST /v1/models/<name>:predict``: TensorFlow Serving's REST predict."""
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+
+    model = request.app.state.model
+    name, _, verb = request.path_params["target"].partition(":")
+    _check_name(model, name)
+    if verb != "predict":
+        raise HTTPException(404, f"unknown method {verb or '(none)'}: this server answers :predict")
+    try:
+        payload = json.loads(await _body(request))
+    except ValueError:
+        raise HTTPException(400, 'the body is not JSON: send {"instances": [{"b64": "..."}]}') from None
+    images, columnar = instances_of(payload)
+    names = model.metadata["class_names"]
+    rows = [
+        {"probabilities": p.tolist(), "classes": names[int(p.argmax())], "scores": float(p.max())}
+        for p in await _predicted(model, images)
+    ]
+    if columnar:
+        return JSONResponse({"outputs": {key: [r[key] for r in rows] for key in ("probabilities", "classes", "scores")}})
+    return JSONResponse({"predictions": rows})
+
+
+async def healthz_endpoint(request):
+    from starlette.responses import JSONResponse
+
+    model = request.app.state.model
+    return JSONResponse({"status": "ok", "model": model.name, "runtime": model.predictor.runtime})
+
+
+async def page_endpoint(request):
+    from starlette.responses import HTMLResponse
+
+    return HTMLResponse(UPLOAD_PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+def _error(status: int, message: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _http_error(request, exc):
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def _unexpected(request, exc: Exception):
+    log.error(f"{request.method} {request.url.path}: {type(exc).__name__}: {exc}")
+    return _error(500, "internal error (the server log says more)")
+
+
+async def _disconnected(request, exc):
+    return _error(400, "the client went away before sending the whole body")
+
+
+def build_app(model: ServedModel, config: ServeConfig):
+    """The ASGI application serving ``model``: every error is a JSON ``{"error": ...}`` with its status."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.routing import Route
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    def refuse_declared_size(request: Request) -> None:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)")
-
-    async def body(request: Request) -> bytes:
-        """The request body, refused above the size limit (413) without reading it all."""
-        refuse_declared_size(request)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                raise HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def image_of(request: Request) -> tuple[bytes, str]:
-        """The uploaded image and its name: a multipart form's first file, or the raw body."""
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            refuse_declared_size(request)  # a chunked upload is bounded by max_part_size (then 400)
-            async with request.form(max_files=1, max_fields=8, max_part_size=config.max_body_bytes) as form:
-                upload = next((v for v in form.values() if hasattr(v, "read")), None)
-                if upload is None:
-                    raise HTTPException(400, "the form holds no file: send the image as a file field")
-                return await upload.read(), upload.filename or "upload"
-        return await body(request), "upload"
-
-    async def classify(request: Request):
-        content, name = await image_of(request)
-        if not content:
-            raise HTTPException(400, "the body is empty: send an image (raw bytes or a multipart upload)")
-        try:
-            probabilities = (await run_in_threadpool(model.probabilities, [content]))[0]
-        except ValueError as e:
-            raise HTTPException(400, str(e)) from None
-        top = top_classes(probabilities, model.metadata["class_names"], model.classify.top_k)
-        result = ClassifyResult(name, str(model.path), model.predictor.runtime, top, model.classify.min_confidence)
-        return JSONResponse(result.as_dict())
-
-    def check_name(name: str) -> None:
-        if name != model.name:
-            raise HTTPException(404, f"Servable not found for request: Latest({name}); this server has {model.name}")
-
-    async def status(request: Request):
-        check_name(request.path_params["name"])
-        state = {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-        return JSONResponse({"model_version_status": [state]})
-
-    async def predict(request: Request):
-        name, _, verb = request.path_params["target"].partition(":")
-        check_name(name)
-        if verb != "predict":
-            raise HTTPException(404, f"unknown method {verb or '(none)'}: this server answers :predict")
-        try:
-            payload = json.loads(await body(request))
-        except ValueError:
-            raise HTTPException(400, 'the body is not JSON: send {"instances": [{"b64": "..."}]}') from None
-        images, columnar = instances_of(payload)
-        try:
-            probabilities = await run_in_threadpool(model.probabilities, images)
-        except ValueError as e:
-            raise HTTPException(400, str(e)) from None
-        names = model.metadata["class_names"]
-        rows = [{"probabilities": p.tolist(), "classes": names[int(p.argmax())], "scores": float(p.max())} for p in probabilities]
-        if columnar:
-            return JSONResponse({"outputs": {key: [r[key] for r in rows] for key in ("probabilities", "classes", "scores")}})
-        return JSONResponse({"predictions": rows})
-
-    async def healthz(request: Request):
-        return JSONResponse({"status": "ok", "model": model.name, "runtime": model.predictor.runtime})
-
-    async def page(request: Request):
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
-
-    async def http_error(request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail))
-
-    async def unexpected(request, exc: Exception):
-        log.error(f"{request.method} {request.url.path}: {type(exc).__name__}: {exc}")
-        return error(500, "internal error (the server log says more)")
-
-    async def disconnected(request, exc: ClientDisconnect):
-        return error(400, "the client went away before sending the whole body")
-
     routes = [
-        Route("/", page),
-        Route("/healthz", healthz),
-        Route("/classify", classify, methods=["POST"]),
-        Route("/v1/models/{name}", status),
-        Route("/v1/models/{target:path}", predict, methods=["POST"]),
+        Route("/", page_endpoint),
+        Route("/healthz", healthz_endpoint),
+        Route("/classify", classify_endpoint, methods=["POST"]),
+        Route("/v1/models/{name}", status_endpoint),
+        Route("/v1/models/{target:path}", predict_endpoint, methods=["POST"]),
     ]
-    handlers = {HTTPException: http_error, ClientDisconnect: disconnected, Exception: unexpected}
+    handlers = {HTTPException: _http_error, ClientDisconnect: _disconnected, Exception: _unexpected}
     app = Starlette(routes=routes, exception_handlers=handlers)
+    app.state.model, app.state.config = model, config
     return RequestLog(SlowClientGuard(app, config.request_timeout))
 
 
@@ -340,7 +396,7 @@ class RequestLog:
         except Exception:  # noqa: BLE001 (already answered 500 by Starlette's handler, and logged in one line)
             pass  # re-raised by Starlette so that servers may log it: uvicorn would print a traceback
         finally:
-            path = data.shown(scope.get("path", ""))[:200]
+            path = printable(scope.get("path", ""))[:200]
             log.info(f"{scope['method']} {path} {status} {1000 * (time.perf_counter() - start):.1f} ms")
 
 
@@ -349,7 +405,7 @@ def serve(model_path, config: ServeConfig | None = None, classify: ClassifyConfi
     import uvicorn
 
     config = config or ServeConfig()
-    model = Model(Path(model_path), classify or ClassifyConfig())
+    model = ServedModel(Path(model_path), classify or ClassifyConfig())
     app = build_app(model, config)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
