@@ -26,6 +26,9 @@ Environment (for mirrors and tests):
   SIMPLE_CNN_FLOWERS_SHA256     expected SHA-256 of flower_photos.tgz
   SIMPLE_CNN_MAX_DOWNLOAD_MB    largest archive accepted, in MiB (default 4096)
   SIMPLE_CNN_STALL_SECONDS      give up when under 1 KiB/s for this long (default 60)
+  SIMPLE_CNN_MAX_UNPACKED_MB    refuse an archive that would unpack to more (default 8192), or to
+                                more than 100 times its own size (a "zip bomb")
+  SIMPLE_CNN_MAX_FILES          refuse an archive of more files (default 1000000)
   PYTHON                        Python with simple_cnn's requirements (default: .venv/bin/python, else python3)
 
 Exit codes: 0 done, 1 a download or verification failed (nothing half-done is left), 2 usage.
@@ -42,6 +45,8 @@ fi
 FLOWERS_SHA256=${SIMPLE_CNN_FLOWERS_SHA256:-$FLOWERS_SHA256}
 MAX_MB=${SIMPLE_CNN_MAX_DOWNLOAD_MB:-4096}
 STALL_SECONDS=${SIMPLE_CNN_STALL_SECONDS:-60}
+MAX_UNPACKED_MB=${SIMPLE_CNN_MAX_UNPACKED_MB:-8192}
+MAX_FILES=${SIMPLE_CNN_MAX_FILES:-1000000}
 
 say() { printf '%s\n' "$*"; }
 fail() { printf 'download_datasets.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -60,13 +65,24 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # safe_extract ARCHIVE DEST: unpack a .tgz or .zip into DEST, refusing absolute paths,
-# ".." components and links or special files before anything is written.
+# ".." components, links or special files, and more files or bytes than the bounds
+# (from the sizes the archive declares, which bound what is written) before anything is written.
 safe_extract() {
-  "$PYTHON" - "$1" "$2" <<'PY'
-import sys, tarfile, zipfile
+  "$PYTHON" - "$1" "$2" "$MAX_UNPACKED_MB" "$MAX_FILES" <<'PY'
+import os, sys, tarfile, zipfile
 from pathlib import PurePosixPath
 
 archive, dest = sys.argv[1], sys.argv[2]
+max_bytes, max_files = int(sys.argv[3]) * 1048576, int(sys.argv[4])
+
+def check_totals(sizes):
+    total, packed = sum(sizes), os.path.getsize(archive)
+    if len(sizes) > max_files:
+        sys.exit(f"the archive holds {len(sizes):,} files, more than {max_files:,} (SIMPLE_CNN_MAX_FILES)")
+    if total > max_bytes:
+        sys.exit(f"the archive unpacks to {total:,} bytes, more than {max_bytes:,} (SIMPLE_CNN_MAX_UNPACKED_MB)")
+    if total > 64 * 1048576 and total > 100 * packed:
+        sys.exit(f"the archive unpacks to {total:,} bytes from {packed:,}, over 100 times its size: a zip bomb?")
 
 def check(name, ok_type):
     p = PurePosixPath(name)
@@ -81,12 +97,14 @@ try:
             for info in z.infolist():
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
                 check(info.filename, not is_link)
+            check_totals([info.file_size for info in z.infolist()])
             z.extractall(dest)
     else:
         with tarfile.open(archive, "r:*") as t:
             members = t.getmembers()
             for m in members:
                 check(m.name, m.isfile() or m.isdir())
+            check_totals([m.size for m in members])
             t.extractall(dest, members=members, filter="data")
 except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
     sys.exit(f"cannot unpack {archive}: {e}")

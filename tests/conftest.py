@@ -7,10 +7,12 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -154,6 +156,24 @@ def start_cli(*args, cwd: Path, env: dict | None = None, preexec_fn=None) -> sub
         text=True,
         preexec_fn=preexec_fn,
     )
+
+
+class ServeProcess:
+    """A ``--mode serve`` process and its log, read as it comes (a full pipe would stall the served)."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"http://[\d.]+:\d+", "".join(self.lines))):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)  # it died or hangs
+            time.sleep(0.1)
+        self.url = found.group(0)
+
+    def log(self) -> str:
+        self._reader.join(timeout=30)
+        return "".join(self.lines)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:

@@ -177,22 +177,26 @@ def test_quantized_int8_copy_is_smaller_as_accurate_and_classifies(trained, new_
     )
 
 
-def test_quantize_measures_the_very_test_images_test_mode_scores(trained, tmp_path):
+def test_quantize_measures_the_very_test_images_test_mode_scores(tiny_model, tmp_path):
     """Near copies of training images that land in the test split are set aside by both
-    (the one copy rule, dataset.ImageDataset.test_split), so the two accuracies are of the same images."""
+    (the one copy rule, dataset.ImageDataset.test_split), so the two accuracies are of the same images;
+    a dataset of other classes is refused, as test mode refuses it."""
     work = tmp_path / "work"
-    shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("images"))
-    copies = add_copies(work / "datasets" / "shapes", "circle", "square")
-    tested = run_cli("--mode", "test", "--dataset_path", "datasets/shapes", "--json", cwd=work)
+    shutil.copytree(tiny_model.parent.parent, work, ignore=shutil.ignore_patterns("images"))
+    copies = add_copies(work / "ds", "circle", "square")
+    tested = run_cli("--mode", "test", "--dataset_path", "ds", "--json", cwd=work)
     assert tested.returncode == 0, tested.stderr
     scored = json.loads(tested.stdout)
-    set_aside = {c["file"] for c in scored["duplicates"]["set_aside"]}
-    assert copies["mirrored"] in set_aside  # a test image that copies a training image
+    assert copies["mirrored"] in {c["file"] for c in scored["duplicates"]["set_aside"]}  # a test image that copies a training one
     exported = run_cli("--mode", "export", "--format", "tflite", "--quantize", "float16", "--json", cwd=work)
     assert exported.returncode == 0, exported.stderr
     float32 = json.loads(exported.stdout)["quantization"]["float32"]
     assert float32["test_images"] == scored["test_images"]
     assert abs(float32["test_accuracy"] - scored["accuracy"]) <= 1 / scored["test_images"]  # LiteRT and Keras agree
+
+    (work / "ds" / "circle").rename(work / "ds" / "oval")  # another dataset: other classes
+    other = run_cli("--mode", "export", "--format", "tflite", "--quantize", "float16", "--dataset_path", "ds", cwd=work)
+    assert_one_line_error(other, 1, "classes of ds", "differ", "oval")
 
 
 @pytest.mark.parametrize(

@@ -113,8 +113,9 @@ def test_killed_worker_restarted_lets_the_job_finish(tmp_path):
             break
         lines.append(line)
     assert sum("val_loss" in ln for ln in lines) >= 2, "".join(lines)
-    worker.send_signal(signal.SIGKILL)  # mid-run: the chief cannot go on alone
-    worker.wait()
+    worker.send_signal(signal.SIGTERM)  # mid-run, as docker stop or a pod deletion does: the chief cannot go on alone
+    worker.wait(timeout=30)  # TensorFlow's own SIGTERM handler no longer takes the signal (it used to wait out the grace)
+    assert worker.returncode == 143
     try:
         chief.wait(timeout=180)  # it notices the lost peer and stops with one line
     except subprocess.TimeoutExpired:
@@ -132,6 +133,20 @@ def test_killed_worker_restarted_lets_the_job_finish(tmp_path):
 
     model, metadata = load_model(work / "models" / "cnn_model.keras")
     assert metadata["training"]["epochs_run"] >= 3
+
+
+def test_a_worker_whose_peers_never_come_stops_naming_them(tmp_path):
+    """A peer that never starts: the worker says which address never answered, within --worker_wait, in one line."""
+    make_shapes_dataset(tmp_path / "ds", per_class=3)
+    ports = _free_ports(2)
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": 0}}
+    started = time.monotonic()
+    alone = _start_worker(tmp_path, {"TF_CONFIG": json.dumps(tf_config)}, "--epochs", "1", "--worker_wait", "5")
+    _, err = alone.communicate(timeout=120)
+    assert time.monotonic() - started < 60 and alone.returncode == -signal.SIGKILL
+    errors = [line for line in err.splitlines() if line.startswith("simple-cnn: error:")]
+    assert len(errors) == 1 and f"127.0.0.1:{ports[1]}" in errors[0] and "--worker_wait" in errors[0], err
+    assert "Traceback" not in err
 
 
 def test_mirrored_on_a_cpu_runs_with_one_replica(tmp_path):
@@ -229,6 +244,19 @@ def test_cluster_is_read_from_the_schedulers_environment(env, settings, source, 
         ({"JOB_COMPLETION_INDEX": "x"}, ["--workers", "2", "--worker_hosts", "w-{index}"], "JOB_COMPLETION_INDEX"),
         ({"JOB_COMPLETION_INDEX": "0"}, ["--workers", "2", "--worker_hosts", "w-{rank}"], "--worker_hosts"),
         ({"JOB_COMPLETION_INDEX": "0"}, ["--workers", "1", "--worker_hosts", "w-{index}"], "--workers"),
+        (
+            {"TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": Infinity}}'},
+            [],
+            "TF_CONFIG must be JSON",
+        ),
+        ({"TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1e999}}'}, [], "task index"),
+        ({"TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "evaluator", "index": 0}}'}, [], "task type"),
+        ({"TF_CONFIG": '{"cluster": {"worker": "a:1,b:2"}, "task": {"type": "worker", "index": 0}}'}, [], "lists of"),
+        ({"TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": true}}'}, [], "task index"),
+        ({"TF_CONFIG": '{"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 0}}'}, [], "host:port"),
+        ({"TF_CONFIG": "[" * 5_000 + "]" * 5_000}, [], "TF_CONFIG must be JSON"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "n[0-99999999]"}, [], "more than 4096"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "a,b", "SLURM_STEP_TASKS_PER_NODE": "1(x99999999)"}, [], "more than 4096"),
     ],
     ids=[
         "index-out-of-range",
@@ -240,6 +268,15 @@ def test_cluster_is_read_from_the_schedulers_environment(env, settings, source, 
         "k8s-not-a-number",
         "bad-pattern",
         "k8s-one-worker",
+        "tf-config-infinity",
+        "tf-config-overflow",
+        "tf-config-evaluator",
+        "tf-config-string-list",
+        "tf-config-bool-index",
+        "tf-config-no-port",
+        "tf-config-nested",
+        "slurm-huge-hostlist",
+        "slurm-huge-tasks",
     ],
 )
 def test_inconsistent_cluster_is_one_line_before_any_work(tmp_path, env, flags, words):

@@ -172,6 +172,24 @@ def test_unsafe_archives_are_refused_before_writing_anything(project, archive_se
     assert not (project / "evil.txt").exists() and not Path("/tmp/evil_abs.txt").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, env, words",
+    [
+        ({"flower_photos/daisy/big.jpg": b"\0" * (100 << 20)}, {}, "100 times its size"),  # a zip bomb: 100 MB from ~100 KB
+        ({"flower_photos/daisy/big.jpg": b"\1" * (3 << 20)}, {"SIMPLE_CNN_MAX_UNPACKED_MB": "2"}, "SIMPLE_CNN_MAX_UNPACKED_MB"),
+        ({f"flower_photos/daisy/{i}.jpg": b"x" for i in range(60)}, {"SIMPLE_CNN_MAX_FILES": "50"}, "SIMPLE_CNN_MAX_FILES"),
+    ],
+    ids=["bomb", "too-large", "too-many"],
+)
+def test_archives_that_unpack_too_large_or_to_too_many_files_are_refused(project, archive_server, extra, env, words):
+    """The bounds are checked from the sizes the archive declares, before anything is unpacked or kept."""
+    archive = _tgz({**{f"flower_photos/{c}/a.jpg": b"x" for c in FLOWERS}, **extra})
+    archive_server.files["/flower_photos.tgz"] = archive
+    result = run_script(project, archive_server, "flowers", sha=hashlib.sha256(archive).hexdigest(), **env)
+    assert result.returncode == 1 and words in result.stderr, result.stderr
+    assert _leftovers(project) == [] and not (project / "datasets" / "flower_photos").exists()
+
+
 def test_unpublished_checksum_is_recorded_then_enforced(project, archive_server):
     archive = _animals_zip()
     archive_server.files["/animal-image-classification-dataset.zip"] = archive

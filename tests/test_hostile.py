@@ -459,3 +459,156 @@ def test_test_mode_names_the_recorded_dataset_and_refuses_a_missing_one(model, t
     elsewhere = run_cli("--mode", "test", "--model_file_path", model_path, cwd=tmp_path)  # "ds" is not here
     assert_one_line_error(elsewhere, 1, "'ds'", "not a folder here", "--dataset_path")
     assert not (tmp_path / "datasets").exists()  # no quiet fall-back to the digits
+
+
+# ---------------------------------------------------------------- round three: model files from elsewhere
+
+
+def _rewritten_copy(model: Path, tmp_path: Path, **changes) -> Path:
+    """The trained model and its LiteRT copy in ``tmp_path``, its metadata changed (the LiteRT digest kept)."""
+    model_path = _copy_model(model, tmp_path)
+    metadata = formats.read_metadata(model_path)
+    for key, value in changes.items():
+        if key in ("best_epoch", "epochs_run", "best_val_accuracy"):
+            metadata["training"][key] = value
+        else:
+            metadata[key] = value
+    formats.rewrite_metadata(model_path, metadata)
+    return model_path
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"image_size": 48}, ["m.tflite", "inconsistent", "48x48x3"]),
+        ({"class_names": ["circle", "square", "triangle", "ghost"]}, ["inconsistent", "4 classes"]),
+        ({"class_names": ["circle", "square"]}, ["inconsistent", "2 classes"]),
+        ({"image_size": 1_000_000}, ["image size", "1000000"]),
+        ({"image_size": "24"}, ["image size"]),
+        ({"class_names": "circle"}, ["class names"]),
+    ],
+    ids=["larger-input", "more-classes", "fewer-classes", "huge-input", "size-not-a-number", "names-not-a-list"],
+)
+def test_a_model_whose_metadata_contradicts_its_network_is_refused(model, tmp_path, changes, words):
+    """The verified LiteRT copy beside a .keras is checked against the metadata as strictly as a .tflite
+    named explicitly, before any image is decoded at the size the metadata claims."""
+    model_path = _rewritten_copy(model, tmp_path, **changes)
+    result = run_cli(
+        "--mode", "classify", "--model_file_path", model_path, "--single_image_path", "ds/circle/circle_000.png", cwd=model
+    )
+    assert_one_line_error(result, 1, *words)
+
+
+def test_the_report_page_shows_a_model_s_metadata_as_text_never_as_markup(model, tmp_path):
+    refresh = '<meta http-equiv="refresh" content="0;url=https://example.com/">'
+    model_path = _rewritten_copy(
+        model,
+        tmp_path,
+        best_epoch=refresh,
+        epochs_run='<form action="https://example.com/"><input></form>',
+        best_val_accuracy="<b>",
+    )
+    result = run_cli(
+        "--mode", "test", "--dataset_path", "ds", "--model_file_path", model_path, "--images_dir", tmp_path / "images", cwd=model
+    )
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "images" / "report.html").read_text()
+    assert 'http-equiv="refresh"' not in page and "<form" not in page and "<input" not in page
+    assert "form-action 'none'" in page and "base-uri 'none'" in page  # the CSP stops navigation and forms too
+
+
+def _keras_with_member(tmp_path: Path, text: str) -> Path:
+    """A .keras zip archive whose metadata member is ``text`` (and nothing else of use)."""
+    import zipfile
+
+    path = tmp_path / "handed_over.keras"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("simple_cnn.json", text)
+    return path
+
+
+def test_metadata_nested_too_deeply_or_too_large_is_one_line(model, tmp_path):
+    """A few KB of model file that unpack to 64 MB of metadata, or JSON nested past Python's stack:
+    refused in one line, without reading it whole."""
+    for text, words in (("[" * 100_000 + "]" * 100_000, "nested too deeply"), (" " * (64 << 20) + "{}", "more than")):
+        path = _keras_with_member(tmp_path, text)
+        assert path.stat().st_size < 1 << 20
+        result = run_cli(
+            "--mode", "classify", "--model_file_path", path, "--single_image_path", "ds/circle/circle_000.png", cwd=model
+        )
+        assert_one_line_error(result, 1, "handed_over.keras", words)
+
+
+# ---------------------------------------------------------------- round three: disks, folders, names
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_during_training_is_one_line_not_a_crash(tmp_path):
+    """A models folder on a 4 MiB tmpfs fills during the first epoch's state: HDF5 used to end the
+    process with a segmentation fault (exit 139); now one line says so, exit 1, and nothing is lost."""
+    make_shapes_dataset(tmp_path / "ds", per_class=15)
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        args = ["--mode", "train", "--dataset_path", "ds", "--epochs", "2", "--image_size", "24", "--quiet"]
+        result = run_cli(*args, "--model_file_path", small / "m.keras", cwd=tmp_path)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("simple-cnn: error:")]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr  # not 139
+        assert len(errors) == 1 and all(w in errors[0] for w in ("is full", "bytes free", "run the same command again"))
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
+def test_an_unreadable_best_checkpoint_still_ends_with_a_model(tmp_path, caplog):
+    """A best-weights file cut short (by a full disk or a kill) is passed over with a warning:
+    the run ends with the last epoch's weights instead of failing at its very end."""
+    from simple_cnn import model as model_lib
+    from simple_cnn.runstate import RunState
+
+    run = RunState(tmp_path / "m.keras")
+    run.folder.mkdir()
+    net = model_lib.build_model(3, 24)
+    net.save_weights(run.folder / run.BEST_WEIGHTS)
+    content = (run.folder / run.BEST_WEIGHTS).read_bytes()
+    (run.folder / run.BEST_WEIGHTS).write_bytes(content[: len(content) // 3])
+    before = [w.copy() for w in net.get_weights()]
+    with caplog.at_level(logging.WARNING, logger="simple_cnn"):
+        run.restore_best(net)
+    assert "could not be read back" in caplog.text
+    assert all((a == b).all() for a, b in zip(before, net.get_weights()))  # the last epoch's weights, untouched
+
+
+def test_an_unusable_tensorboard_folder_is_refused_before_any_work(tmp_path):
+    make_shapes_dataset(tmp_path / "ds", per_class=3)
+    (tmp_path / "logs").write_text("a file, not a folder")
+    result = run_cli("--mode", "train", "--dataset_path", "ds", "--epochs", "1", "--tensorboard_dir", "logs", cwd=tmp_path)
+    assert_one_line_error(result, 1, "TensorBoard", "logs")
+    assert "Dataset ds" not in result.stderr  # refused before the dataset was even scanned
+
+
+def test_explain_on_an_image_with_a_long_legal_name_writes_every_prediction(model, tmp_path):
+    """A 240-character name made the overlay's temporary name too long and ended the run: no CSV."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    long_name = "p" * 236 + ".png"
+    shape_image("circle", np.random.default_rng(0), size=24).save(folder / long_name)
+    shape_image("square", np.random.default_rng(1), size=24).save(folder / "short.png")
+    args = (
+        "--mode",
+        "classify",
+        "--input_path",
+        folder,
+        "--explain",
+        "--images_dir",
+        tmp_path / "images",
+        "--output",
+        tmp_path / "p.csv",
+    )
+    result = run_cli(*args, "--model_file_path", model / "models" / "cnn_model.keras", cwd=model)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 2
+    overlays = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert len(overlays) == 2 and all(len(name.encode()) <= 255 for name in overlays)

@@ -347,11 +347,11 @@ def test_fuzz_mutated_images_are_read_or_skipped(tmp_path_factory, which, edits,
 
 
 def test_reliability_table_is_in_step():
-    """Every test in this file, test_hostile.py and test_interrupts.py appears in the Reliability
+    """Every test in this file, test_hostile.py, test_hostile_serve.py and test_interrupts.py appears in the Reliability
     table of docs/reliability.md, and the other way round."""
     text = (REPO / "docs" / "reliability.md").read_text()
     section = text.split("# Reliability", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", section))
-    others = "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_interrupts.py"))
+    others = "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_hostile_serve.py", "test_interrupts.py"))
     here = {name for name in globals() if name.startswith("test_")} | set(re.findall(r"^def (test_\w+)", others, re.M))
     assert named == here, {"missing from docs/reliability.md": here - named, "not a test": named - here}

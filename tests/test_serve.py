@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import re
 import shutil
 import signal
 import socket
@@ -17,34 +16,16 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import bomb_png, chromium, start_cli
+from conftest import ServeProcess, bomb_png, chromium, start_cli
 
 # ---------------------------------------------------------------- --mode serve
-
-
-class Server:
-    """A ``--mode serve`` process and its log, read as it comes (a full pipe would stall the served)."""
-
-    def __init__(self, proc):
-        self.proc, self.lines = proc, []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + 120
-        while not (found := re.search(r"http://[\d.]+:\d+", "".join(self.lines))):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)  # it died or hangs
-            time.sleep(0.1)
-        self.url = found.group(0)
-
-    def log(self) -> str:
-        self._reader.join(timeout=30)
-        return "".join(self.lines)
 
 
 @pytest.fixture(scope="module")
 def served(trained):
     """``--mode serve`` on the trained model, on a free port, as a user starts it: ``(url, process)``."""
     work, _ = trained
-    running = Server(start_cli("--mode", "serve", "--port", "0", "--max_body_mb", "1", "--request_timeout", "2", cwd=work))
+    running = ServeProcess(start_cli("--mode", "serve", "--port", "0", "--max_body_mb", "1", "--request_timeout", "2", cwd=work))
     yield running.url, running
     if running.proc.poll() is None:
         running.proc.kill()

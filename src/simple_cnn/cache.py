@@ -100,7 +100,7 @@ def load_cached(cache_dir: Path, root: Path, files: list[tuple[str, int]], image
         if errors is not None:
             return _open_memmap(pixels, sum(e is None for e in errors), shape), errors
         log.warning(f"the cache entry {index.name} in {cache_dir} does not match its images; decoding them again")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past the stack
         pass  # absent or unreadable: decode again
     with atomic_output(pixels) as tmp:
         out = np.memmap(tmp, np.uint8, "r+", shape=(max(1, len(files)), *shape))  # NumPy cannot map 0 bytes

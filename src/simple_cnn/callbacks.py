@@ -34,6 +34,29 @@ class SafePoints(keras.callbacks.Callback):
         interrupts.check()
 
 
+class DiskSpaceGuard(keras.callbacks.Callback):
+    """Stops training with one line before an epoch's state is written to a disk too full for it.
+
+    Placed before the callbacks that write (the history, the best weights, the backup):
+    about three copies of the weights and the optimizer's state, and a MiB to spare.
+    """
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = Path(folder)
+
+    def on_epoch_end(self, epoch, logs=None):
+        from .files import ensure_free_space
+
+        ensure_free_space(self.folder, state_bytes(self.model), f"the training state of epoch {epoch + 1}")
+
+
+def state_bytes(model) -> int:
+    """About what a run's state of ``model`` takes on disk: three copies of its weights and optimizer state, and 1 MiB."""
+    variables = [*model.weights, *(model.optimizer.variables if model.optimizer else [])]
+    return 3 * sum(int(v.numpy().nbytes) for v in variables) + (1 << 20)
+
+
 class ResumeNote(keras.callbacks.Callback):
     """Says, once, which epoch a resumed run starts from.
 

@@ -149,11 +149,11 @@ def classify(
         raise DataError(f"no image at {image_path}: check --single_image_path")
     if image_path.is_dir():
         raise DataError(f"{image_path} is a folder: give --single_image_path one image file, or --input_path a folder")
+    predictor = Predictor(model_path, metadata, gradients=explain)  # checks the model before any decoding at its size
     try:
         pixels = read_image(image_path, metadata["image_size"])
     except ValueError as e:
         raise DataError(f"cannot read the image {image_path}: {e}") from None
-    predictor = Predictor(model_path, metadata, gradients=explain)
     probabilities = predictor(pixels[None])
     top = top_classes(probabilities[0], metadata["class_names"], top_k)
     overlay = write_explanations(predictor, pixels[None], probabilities, [image_path], images_dir)[0] if explain else None

@@ -173,14 +173,14 @@ def _join_cluster(args, parser, cluster_config: ClusterConfig) -> None:
         log.info(line)
 
 
-def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig):
+def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig, cluster_config: ClusterConfig):
     """Run the mode; return its result (results.py)."""
     if args.mode == "train":
         from .dataset import ensure_digits_dataset
         from .train import train
 
         dataset = Path(args.dataset_path) if args.dataset_path else ensure_digits_dataset(Path(DEFAULT_DATASET))
-        return train(dataset, args.model_file_path, args.images_dir, train_config, fresh=args.fresh, cache_dir=args.cache_dir)
+        return train(dataset, args.model_file_path, args.images_dir, train_config, args.fresh, args.cache_dir, cluster_config)
     if args.mode == "test":
         from .evaluate import evaluate
 
@@ -258,10 +258,10 @@ def main(argv=None) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see quiet.py
     train_config, classify_config, cluster_config = _check(args, parser)
     configure_logging(args.verbose, args.quiet)
-    if args.mode == "train" and train_config.distribute == "multiworker":
-        _join_cluster(args, parser, cluster_config)
     try:
-        result = _run(args, train_config, classify_config)
+        if args.mode == "train" and train_config.distribute == "multiworker":
+            _join_cluster(args, parser, cluster_config)  # inside: whatever it meets is one line too
+        result = _run(args, train_config, classify_config, cluster_config)
         if result is not None:  # serve mode logs as it goes
             _print_result(result, args.json)
     except SimpleCNNError as e:

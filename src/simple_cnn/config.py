@@ -193,14 +193,25 @@ class ServeConfig:
     host: str = setting("127.0.0.1", "serve: the address to listen on (0.0.0.0 in a container, to be reachable from outside)")
     port: int = setting(8501, "serve: the port (TensorFlow Serving's REST port); 0 picks a free one")
     max_body_mb: float = setting(10.0, "serve: requests with a larger body are refused with 413")
-    request_timeout: float = setting(30.0, "serve: seconds a request's body may take to arrive (then 408)")
+    request_timeout: float = setting(
+        30.0, "serve: seconds a request's head, and then its body, may take to arrive (then the connection is closed, or 408)"
+    )
     max_connections: int = setting(256, "serve: connections at once; more get 503 at once rather than waiting")
+    # The decoding work one request may ask for: a small PNG can declare 100 megapixels,
+    # which cost seconds and hundreds of MB to decode (JPEGs count at the reduced scale
+    # they are decoded at, so a phone photo costs little).
+    max_megapixels: float = setting(25.0, "serve: an image that decodes to more megapixels is refused with 413")
+    max_request_megapixels: float = setting(
+        50.0, "serve: a request whose images decode to more megapixels in all is refused with 413, before any is decoded"
+    )
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise SettingError(("port",), f"must be a port number from 0 to 65535, not {self.port}")
         if self.max_body_mb <= 0 or self.request_timeout <= 0:
             raise SettingError(("max_body_mb", "request_timeout"), "must be positive")
+        if self.max_megapixels <= 0 or self.max_request_megapixels <= 0:
+            raise SettingError(("max_megapixels", "max_request_megapixels"), "must be positive")
         at_least("max_connections", self.max_connections, 1)
 
     @property
@@ -222,8 +233,13 @@ class ClusterConfig:
         "Kubernetes Indexed Job: the address of worker {index}, e.g. 'train-{index}.train-workers' (pods behind a headless "
         "Service); ':{port}' may follow, {port} being --worker_port plus the index",
     )
+    worker_wait: float = setting(
+        300.0, "seconds a worker waits for the others to start before it stops, naming those that never answered"
+    )
 
     def __post_init__(self):
+        if self.worker_wait <= 0:
+            raise SettingError(("worker_wait",), f"must be positive, not {self.worker_wait}")
         if not 1 <= self.worker_port <= 65535 - 64:
             raise SettingError(("worker_port",), f"must be a port number from 1 to 65471, not {self.worker_port}")
         if self.workers is not None:

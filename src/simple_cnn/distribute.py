@@ -23,6 +23,9 @@ import json
 import logging
 import math
 import os
+import re
+import signal
+import sys
 import types
 from dataclasses import dataclass
 
@@ -113,26 +116,56 @@ class Cluster:
             ) from None
 
 
+MAX_WORKERS = 4096  # a bound on what a cluster description may expand to, checked before expanding it
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")  # host:port, or [IPv6]:port
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def _tf_config(text: str | None = None) -> dict:
-    """TF_CONFIG read: ``{"workers": n, "index": this task, "addresses": [...]}``, chief first."""
+    """TF_CONFIG read: ``{"workers": n, "index": this task, "addresses": [...]}``, chief first.
+
+    Only what training here can act on is accepted: a ``chief`` (at most one) and
+    ``worker`` tasks given as lists of ``host:port`` strings, and this task's type
+    (``chief`` or ``worker``, not an evaluator or a parameter server) and whole-number index.
+    """
     text = os.environ.get("TF_CONFIG", "") if text is None else text
     try:
-        config = json.loads(text) if text else {}
-        tasks = config.get("cluster", {})
-        task = config["task"]
-        chiefs = list(tasks.get("chief", []))
-        addresses = [str(a) for a in chiefs + list(tasks.get("worker", []))]
-        return {
-            "workers": len(addresses),
-            # one numbering for every task: the chief first, then the workers
-            "index": int(task["index"]) + (len(chiefs) if task["type"] == "worker" else 0),
-            "addresses": addresses,
-        }
-    except (ValueError, KeyError, TypeError, AttributeError):
+        config = json.loads(text, parse_constant=_refuse_constant) if text else {}
+        tasks, task = config.get("cluster", {}), config["task"]
+        chiefs, workers = tasks.get("chief", []), tasks.get("worker", [])
+        kind, index = task["type"], task["index"]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise UsageError(
             'TF_CONFIG must be JSON like {"cluster": {"worker": ["host1:port", "host2:port"]}, '
             f'"task": {{"type": "worker", "index": 0}}}}; got {text[:80]!r}'
         ) from None
+    addresses = _tf_config_addresses(chiefs, workers)
+    if kind not in ("chief", "worker"):
+        raise UsageError(f"TF_CONFIG's task type is {str(kind)[:40]!r}: simple_cnn's workers are a chief and workers")
+    if (
+        isinstance(index, bool)
+        or not isinstance(index, int)
+        or not 0 <= index < (len(chiefs) if kind == "chief" else len(workers))
+    ):
+        raise UsageError(f"TF_CONFIG's task index {str(index)[:40]!r} is not the number of one of its {kind} tasks")
+    # one numbering for every task: the chief first, then the workers
+    return {"workers": len(addresses), "index": index + (len(chiefs) if kind == "worker" else 0), "addresses": addresses}
+
+
+def _tf_config_addresses(chiefs, workers) -> list[str]:
+    """The chief's and the workers' addresses, each checked to be ``host:port``."""
+    if not isinstance(chiefs, list) or not isinstance(workers, list) or len(chiefs) > 1:
+        raise UsageError('TF_CONFIG\'s "chief" (at most one) and "worker" tasks must be lists of "host:port" addresses')
+    if len(chiefs) + len(workers) > MAX_WORKERS:
+        raise UsageError(f"TF_CONFIG lists more than {MAX_WORKERS} tasks")
+    for address in chiefs + workers:
+        found = _ADDRESS.match(address) if isinstance(address, str) else None
+        if not found or not 1 <= int(found.group(2)) <= 65535:
+            raise UsageError(f"TF_CONFIG's address {str(address)[:80]!r} is not host:port (a port from 1 to 65535)")
+    return chiefs + workers
 
 
 @dataclass(frozen=True)
@@ -216,6 +249,7 @@ def _from_slurm(env, port: int) -> Membership:
     )
 
     name = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+    _refuse_too_many(name, env.get(name, ""), _hostlist_size(env.get(name, "")))
     try:
         hosts = expand_hostlist(env.get(name, ""))
         if not hosts or not all(hosts):
@@ -223,6 +257,7 @@ def _from_slurm(env, port: int) -> Membership:
     except (ValueError, AssertionError):
         raise UsageError(f"cannot read Slurm's node list {name}={env.get(name, '')!r}: is this an srun step?") from None
     per_node_name = "SLURM_STEP_TASKS_PER_NODE" if env.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+    _refuse_too_many(per_node_name, env.get(per_node_name, ""), _tasks_size(env.get(per_node_name, "")))
     try:
         per_node = expand_tasks_per_node(env[per_node_name]) if env.get(per_node_name) else [1] * len(hosts)
     except ValueError:
@@ -234,6 +269,37 @@ def _from_slurm(env, port: int) -> Membership:
     if env.get(count_name) and _integer(env, count_name) != len(addresses):
         raise UsageError(f"{count_name}={env[count_name]} but the node list holds {len(addresses)} tasks")
     return Membership("Slurm", _integer(env, "SLURM_PROCID"), addresses)
+
+
+def _refuse_too_many(name: str, text: str, count: int) -> None:
+    if count > MAX_WORKERS:
+        raise UsageError(f"{name}={text[:80]!r} describes more than {MAX_WORKERS} workers: is it the right variable?")
+
+
+def _hostlist_size(text: str) -> int:
+    """How many hosts a Slurm node list such as ``node[01-03,07],gpu-a`` names, counted without expanding it."""
+    total = 0
+    for host in re.findall(r"[^,\[]*(?:\[[^\]]*\][^,\[]*)*", text):
+        count = 1
+        for ranges in re.findall(r"\[([^\]]*)\]", host):
+            count *= sum(_range_size(part) for part in ranges.split(","))
+        total += count if host else 0
+    return total
+
+
+def _range_size(part: str) -> int:
+    low, _, high = part.partition("-")
+    if low.isdigit() and high.isdigit():
+        return max(0, int(high) - int(low) + 1)
+    return 1
+
+
+def _tasks_size(text: str) -> int:
+    """How many tasks a Slurm tasks-per-node value such as ``2(x3),1`` gives in all, counted without expanding it."""
+    total = 0
+    for tasks, _, repeat in re.findall(r"(\d+)(\(x(\d+)\))?", text):
+        total += int(tasks) * (int(repeat) if repeat else 1)
+    return total
 
 
 def _from_indexed_job(env, settings: ClusterConfig) -> Membership:
@@ -253,8 +319,8 @@ def _from_indexed_job(env, settings: ClusterConfig) -> Membership:
     return Membership("Kubernetes Indexed Job", _integer(env, "JOB_COMPLETION_INDEX"), addresses)
 
 
-def make_cluster(kind: str) -> Cluster:
-    """Create the strategy for ``kind`` (see the module docstring)."""
+def make_cluster(kind: str, worker_wait: float = ClusterConfig.worker_wait) -> Cluster:
+    """Create the strategy for ``kind`` (see the module docstring); ``worker_wait``: see :func:`_multiworker_strategy`."""
     tf = import_tensorflow()
     if kind == "auto":
         kind = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
@@ -270,10 +336,61 @@ def make_cluster(kind: str) -> Cluster:
             "--distribute multiworker needs its cluster: call distribute.join_cluster() first (see docs/distributed.md)"
         )
     config = _tf_config()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = _multiworker_strategy(tf, config["addresses"], config["index"], worker_wait)
     return Cluster(
         "multiworker", strategy, strategy.num_replicas_in_sync, config["workers"], config["index"], config["index"] == 0
     )
+
+
+def _multiworker_strategy(tf, addresses: list[str], me: int, worker_wait: float):
+    """``MultiWorkerMirroredStrategy()``, which waits for every worker, but not for ever, and
+    without taking the process's signals.
+
+    Building it installs TensorFlow's own SIGTERM handler, after which ``docker stop`` and
+    pod deletion waited out their grace period: the handlers in place before (the CLI's,
+    ``interrupts.py``) are put back. A peer that never starts holds the build for ever,
+    inside TensorFlow's C++ with Python's lock held, so no thread of this process can act:
+    a watchdog process (:data:`_WATCHDOG`) names the workers that do not answer and ends
+    this one after ``worker_wait`` seconds, unless the build is done by then.
+    """
+    import subprocess
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    others = [a for i, a in enumerate(addresses) if i != me]
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(worker_wait), *others], stdin=subprocess.PIPE, text=True
+    )
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        watchdog.stdin.close()  # built (or failed): the watchdog leaves
+        watchdog.wait()
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: a handler not set from Python, nothing to put back
+                signal.signal(sig, handler)
+
+
+# The watchdog: waits for its stdin to close (the strategy is built) for at most the given
+# seconds; else says which workers do not accept a connection, and ends the waiting worker.
+# A process of its own, with the standard library only: the worker's Python is stuck.
+_WATCHDOG = """
+import os, select, signal, socket, sys
+parent, seconds, others = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+if select.select([sys.stdin], [], [], seconds)[0]:
+    raise SystemExit(0)
+def answers(address):
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+        return True
+    except (OSError, ValueError):
+        return False
+missing = [a for a in others if not answers(a)]
+names = ", ".join(missing) if missing else "all accept connections, but not all joined"
+print(f"simple-cnn: error: waited {seconds:g} s for the other workers ({names}): start every worker with the same "
+      "command, check their addresses, or raise --worker_wait", file=sys.stderr, flush=True)
+os.kill(parent, signal.SIGKILL)
+"""
 
 
 def worker_suffix(kind: str) -> str:

@@ -90,7 +90,7 @@ def write_outputs(images_dir: Path, metadata: dict, result: TestResult, model, t
 def write_test_report(images_dir: Path, metadata: dict, result: TestResult, model, x, y, probabilities, files, worst) -> Path:
     """The report page, completed with the test split (report.py)."""
     curves = images_dir / "training_curves.png"
-    history = metadata.get("training", {}).get("history")
+    history = (metadata.get("training") or {}).get("history")
     if not curves.is_file() and history:  # tested elsewhere than trained: draw them from the model file
         plots.training_curves(history, curves)
     evidence = report.Evidence(x, y, probabilities, files, gradcam_overlays(model, x, y, probabilities, worst))
@@ -138,6 +138,8 @@ def score(views: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: floa
     correct = int((predicted == y).sum())
     k = min(ClassifyConfig.top_k, len(labels) - 1)
     temperature = (metadata.get("calibration") or {}).get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
+        temperature = None  # none, or not a number: a model file from elsewhere may hold anything
     uncalibrated = metrics.rescale_views(views, 1 / temperature) if temperature else probabilities
     answered = probabilities.max(axis=1) >= min_confidence
     bins = metrics.reliability_bins(probabilities, y)

@@ -11,6 +11,8 @@ model, never the LiteRT copy.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,5 +76,16 @@ def write_overlay(path: Path, image: np.ndarray, heat: np.ndarray, scale: int = 
 
 
 def explanation_path(images_dir: Path, image_path: Path) -> Path:
-    """Where ``--explain`` writes the overlay of ``image_path``: ``IMAGES_DIR/<name>_gradcam.png``."""
-    return Path(images_dir) / f"{Path(image_path).stem}_gradcam.png"
+    """Where ``--explain`` writes the overlay of ``image_path``: ``IMAGES_DIR/<name>_gradcam.png``.
+
+    A name too long for a file name once ``_gradcam.png`` is added (most file systems stop
+    at 255 bytes) keeps its first 180 bytes and a digest of the whole, so that two long
+    names stay apart.
+    """
+    stem = Path(image_path).stem
+    if len(os.fsencode(stem)) > 200:
+        digest = hashlib.sha256(os.fsencode(stem)).hexdigest()[:12]
+        while len(os.fsencode(stem)) > 180:  # by characters, so that none is cut in half
+            stem = stem[:-1]
+        stem = f"{stem}-{digest}"
+    return Path(images_dir) / f"{stem}_gradcam.png"

@@ -53,7 +53,8 @@ def atomic_output(path: Path) -> Iterator[Path]:
     path = Path(path)
     # Not tempfile.mkstemp: its files are private (mode 0600); ours get the usual
     # permissions (0666 less the umask), like any file the user writes.
-    tmp_path = path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    # The stem is cut so that the temporary name stays a legal file name beside a long one.
+    tmp_path = path.parent / f".{path.stem[:100]}.{secrets.token_hex(4)}.tmp{path.suffix}"
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
@@ -93,6 +94,21 @@ def write_json(path: Path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def ensure_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to write ``what`` into ``folder`` when its disk has fewer than ``needed`` bytes free.
+
+    HDF5 (behind Keras' weight files) can end the process with a segmentation fault when a
+    write meets a full disk, which no ``except`` catches, and leaves a truncated file: so
+    the space is checked before each write, and the run stops with one line instead.
+    """
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SimpleCNNError(
+            f"the disk holding {folder} is full ({free:,} bytes free, about {needed:,} needed to write {what}): "
+            "free some space, then run the same command again (a training run resumes from its last saved epoch)"
+        )
 
 
 def os_reason(e: OSError) -> str:

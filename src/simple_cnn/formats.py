@@ -47,6 +47,43 @@ FINGERPRINTS = "simple_cnn_fingerprints"  # .keras: FINGERPRINTS + ".json" membe
 TFLITE_METADATA_NAME = "simple_cnn"
 LITERT_SHA256 = "litert_sha256"  # the metadata key binding a model file to its LiteRT copy
 TRAIN_HINT = "train one first: simple-cnn --mode train --dataset_path DATASET --model_file_path {path}"
+# What a model file's own members may declare before they are read: a handed-over file is
+# refused rather than decompressed whole (a few KB of zip can declare gigabytes).
+MAX_METADATA_BYTES = 16 << 20
+MAX_FINGERPRINT_BYTES = 512 << 20
+MAX_IMAGE_SIZE = 1024  # as TrainConfig.image_size allows
+
+
+def check_metadata(metadata, path) -> dict:
+    """``metadata`` if it has the shape simple_cnn writes (class names, an image size in range,
+    numbers that are numbers); else DataError naming ``path``. Nothing is decoded at a size it claims before this."""
+
+    def refuse(what: str):
+        raise DataError(f"{path} is not a usable simple_cnn model: its metadata {what}")
+
+    if not isinstance(metadata, dict):
+        refuse("is not a JSON object")
+    names, size = metadata.get("class_names"), metadata.get("image_size")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        refuse("holds no list of two or more class names")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IMAGE_SIZE:
+        refuse(f"gives an image size of {str(size)[:20]!r}, not a whole number from 1 to {MAX_IMAGE_SIZE}")
+    for key in ("val_split", "test_split"):
+        if key in metadata and not (isinstance(metadata[key], float | int) and 0 <= metadata[key] < 1):
+            refuse(f"gives {key} {str(metadata[key])[:20]!r}, not a fraction")
+    return metadata
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A member of a zip archive, refused (ValueError) when it declares more than ``limit`` bytes,
+    and never read past them whatever it declares."""
+    if archive.getinfo(name).file_size > limit:
+        raise ValueError(f"its {name} member declares more than {limit:,} bytes")
+    with archive.open(name) as member:
+        content = member.read(limit + 1)
+    if len(content) > limit:
+        raise ValueError(f"its {name} member holds more than {limit:,} bytes")
+    return content
 
 
 def check_model_path(path) -> Path:
@@ -89,14 +126,16 @@ def read_fingerprints(path) -> Fingerprints | None:
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
-                saved = json.loads(archive.read(FINGERPRINTS + ".json"))
+                saved = json.loads(_read_member(archive, FINGERPRINTS + ".json", MAX_FINGERPRINT_BYTES))
         else:
             import h5py
 
             with h5py.File(path, "r") as f:
+                if f[FINGERPRINTS].size > MAX_FINGERPRINT_BYTES:
+                    return None
                 saved = json.loads(f[FINGERPRINTS][()].tobytes())
         return Fingerprints.from_dict(saved)
-    except (KeyError, OSError, ValueError, TypeError, zipfile.BadZipFile):
+    except (KeyError, OSError, ValueError, TypeError, RecursionError, zipfile.BadZipFile):
         return None
 
 
@@ -129,20 +168,25 @@ def read_metadata(path) -> dict:
             with zipfile.ZipFile(path) as archive:
                 if METADATA_MEMBER not in archive.namelist():
                     raise KeyError
-                text = archive.read(METADATA_MEMBER).decode("utf-8")
+                text = _read_member(archive, METADATA_MEMBER, MAX_METADATA_BYTES).decode("utf-8")
         else:
             import h5py
 
             with h5py.File(path, "r") as f:
                 text = f.attrs[METADATA_ATTR]
+                if len(text) > MAX_METADATA_BYTES:
+                    raise ValueError(f"its metadata holds more than {MAX_METADATA_BYTES:,} bytes")
         metadata = json.loads(text)
-        metadata["class_names"], metadata["image_size"]  # noqa: B018 (both must be there)
+        if not isinstance(metadata, dict) or "class_names" not in metadata:
+            raise KeyError
     except KeyError:
         raise DataError(f"{path} was not saved by simple_cnn (it holds no class names): {TRAIN_HINT.format(path=path)}") from None
-    except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    except RecursionError:  # JSON nested deeper than Python's stack
+        raise DataError(f"{path} is not a usable simple_cnn model: its metadata is nested too deeply") from None
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         kind = "Keras zip archive" if path.suffix == ".keras" else "HDF5 file"
         raise DataError(f"{path} is not a readable {kind} ({str(e).splitlines()[0]}): is it corrupt or truncated?") from None
-    return metadata
+    return check_metadata(metadata, path)
 
 
 def load_model(path):

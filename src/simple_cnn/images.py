@@ -141,6 +141,18 @@ def _reason(e: Exception) -> str:
     return "truncated file" if "truncated" in text.lower() else text
 
 
+def pixels_to_decode(f, image_size: int) -> int:
+    """The pixels :func:`decode_stream` would decode from the open image ``f`` (a JPEG at its
+    reduced decoding scale), read from the header alone; ValueError for what cannot be read."""
+    try:
+        with Image.open(f) as im:
+            _checked_size(im)
+            im.draft("RGB", (image_size, image_size))
+            return im.size[0] * im.size[1]
+    except Exception as e:  # as in check_header: Pillow's parsers raise many kinds on bad bytes
+        raise ValueError(_reason(e)) from None
+
+
 def read_image(path: Path, image_size: int) -> np.ndarray:
     """Decode one image file to a ``(image_size, image_size, 3)`` uint8 RGB array.
 

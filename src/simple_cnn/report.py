@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import platform
 import shlex
 import sys
@@ -58,12 +59,15 @@ code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;overf
 @media (max-width:600px){main{padding:8px}.metric{min-width:42%}}
 """
 
+# No script, no fetch, no form and no base: a page built from a handed-over model file's
+# metadata can neither run anything nor send anyone anywhere.
+REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; form-action 'none'; base-uri 'none'"
 REPORT_TEMPLATE = Template("""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="$policy">
 <title>simple_cnn report: $title</title>
 <style>$style</style>
 </head>
@@ -132,28 +136,43 @@ class Evidence:
     overlays: list[tuple[int, str]]  # (row, overlay data URI), correct ones first
 
 
+def number(value, spec: str = "") -> str:
+    """A number from a model file's metadata, formatted; "?" for anything that is not one.
+
+    A handed-over model file may hold anything where a number belongs (markup, a script):
+    nothing from it reaches the page but escaped text and numbers formatted as numbers.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "?"
+    return format(value, spec)
+
+
+def _section(metadata: dict, key: str) -> dict:
+    value = metadata.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def summary_line(metadata: dict) -> str:
     """The model and dataset in one line."""
     names = metadata["class_names"]
-    training = metadata.get("training", {})
-    images = metadata.get("images", {})
-    counts = ", ".join(f"{k} {v}" for k, v in images.items()) or "unknown"
+    training = _section(metadata, "training")
+    counts = ", ".join(f"{k} {number(v)}" for k, v in _section(metadata, "images").items()) or "unknown"
     shown_names = ", ".join(esc(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
     seconds = training.get("train_seconds")
-    took = f", in {seconds / 60:.1f} min" if seconds else ""
+    took = f", in {number(seconds / 60, '.1f')} min" if isinstance(seconds, int | float) and seconds else ""
+    size = number(metadata["image_size"])
     return (
         f"<b>{len(names)} classes</b> ({shown_names}) from <code>{esc(metadata.get('dataset_path', '?'))}</code>; "
-        f"images per split: {esc(counts)}; {metadata['image_size']}x{metadata['image_size']} pixels; trained "
-        f"{esc(metadata.get('trained_at', '?'))}{took}, best epoch {training.get('best_epoch', '?')} of "
-        f"{training.get('epochs_run', '?')}"
+        f"images per split: {esc(counts)}; {size}x{size} pixels; trained "
+        f"{esc(metadata.get('trained_at', '?'))}{took}, best epoch {number(training.get('best_epoch'))} of "
+        f"{number(training.get('epochs_run'))}"
     )
 
 
 def headline(test: dict | None, metadata: dict) -> str:
-    training = metadata.get("training", {})
+    training = _section(metadata, "training")
     if test is None:
-        best = training.get("best_val_accuracy")
-        best = f"{best:.3f}" if best is not None else "?"
+        best = number(training.get("best_val_accuracy"), ".3f")
         return (
             '<div class="headline"><div class="metric"><span class="what">best validation accuracy</span>'
             f"<b>{best}</b></div></div>"
@@ -312,6 +331,7 @@ def write_report(
     body += [picture(title, path) for title, path in figures.items()]
     body.append(files_section(skipped or [], duplicates))
     page = REPORT_TEMPLATE.substitute(
+        policy=REPORT_POLICY,
         title=esc(metadata.get("dataset_path", "")),
         style=STYLE,
         summary=summary_line(metadata),

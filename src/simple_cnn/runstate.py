@@ -100,7 +100,7 @@ class RunState:
         if self.folder.exists():
             try:
                 previous = json.loads((self.folder / "run.json").read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 previous = None
             if fresh or previous != identity:
                 why = "--fresh" if fresh else "it had other settings"
@@ -119,7 +119,7 @@ class RunState:
         """The epochs this run chose before it was interrupted (``remember_epochs``), if any."""
         try:
             return int(json.loads((self.folder / self.PLAN).read_text())["epochs"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
 
     def remember_epochs(self, epochs: int) -> None:
@@ -136,11 +136,12 @@ class RunState:
         BackupAndRestore marks the epoch as done.
         """
         keras = import_keras()
-        from .callbacks import ResumeNote
+        from .callbacks import DiskSpaceGuard, ResumeNote
 
         history = self.history()
         best_so_far = min(history["val_loss"]) if history.get("val_loss") else None
         return [
+            DiskSpaceGuard(self.folder),  # first: before anything of the epoch is written
             keras.callbacks.CSVLogger(str(self.folder / self.HISTORY), append=True),
             keras.callbacks.ModelCheckpoint(
                 str(self.folder / self.BEST_WEIGHTS),
@@ -160,8 +161,9 @@ class RunState:
             with warnings.catch_warnings():  # the checkpoint holds no optimizer state; we need none
                 warnings.simplefilter("ignore", UserWarning)
                 model.load_weights(self.folder / self.BEST_WEIGHTS)
-        except (OSError, ValueError):  # only if a kill hit the write of the best weights
-            log.warning("the best epoch's weights could not be read back; keeping the last epoch's")
+        except Exception as e:  # noqa: BLE001 (h5py and Keras raise many kinds on a truncated file: a kill, a full disk)
+            detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            log.warning(f"the best epoch's weights could not be read back ({detail}); keeping the last epoch's")
 
     def finish(self) -> None:
         """Training is over: nothing left to resume."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import interrupts
 from .errors import DataError
-from .formats import LITERT_SHA256, load_model, read_metadata, read_tflite_metadata, read_verified, tflite_path
+from .formats import LITERT_SHA256, check_metadata, load_model, read_metadata, read_tflite_metadata, read_verified, tflite_path
 from .images import usable_cpus
 from .quiet import native_stderr_hidden
 
@@ -66,9 +66,9 @@ def read_model_metadata(model_path) -> dict:
     if not path.is_file():
         raise DataError(f"no model file at {path}")
     metadata = read_tflite_metadata(path)
-    if not metadata or not isinstance(metadata.get("class_names"), list) or not isinstance(metadata.get("image_size"), int):
+    if not metadata or "class_names" not in metadata:
         raise DataError(f"{path} was not written by simple_cnn (it holds no class names), or it is corrupt or truncated")
-    return metadata
+    return check_metadata(metadata, path)
 
 
 def verified_litert_copy(model_path: Path, metadata: dict) -> bytes | None:
@@ -95,35 +95,45 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _named_litert(path: Path, metadata: dict) -> LiteRT:
-    """The LiteRT model the user named: it must run, and take and give what its metadata says."""
-    from .files import read_regular
-
-    try:
-        litert = LiteRT(read_regular(path))
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 (LiteRT raises ValueError, RuntimeError, ... on a bad model)
-        raise DataError(f"cannot run {path}: {_first_line(e)}") from None
+def _check_shapes(litert: LiteRT, metadata: dict, path: Path, described_by: Path) -> LiteRT:
+    """``litert`` if its network takes and gives what the metadata says; else DataError (one line)."""
     size, classes = metadata["image_size"], len(metadata["class_names"])
     if litert.input_shape != (size, size, 3) or litert.outputs != classes:
         raise DataError(
-            f"{path} is inconsistent: its network takes {litert.input_shape} and gives {litert.outputs} outputs, "
-            f"but its metadata says {size}x{size}x3 images and {classes} classes"
+            f"{path} is inconsistent with {described_by.name}: its network takes {litert.input_shape} and gives "
+            f"{litert.outputs} outputs, but the metadata says {size}x{size}x3 images and {classes} classes"
         )
     return litert
 
 
+def _named_litert(path: Path, metadata: dict) -> LiteRT:
+    """The LiteRT model the user named: it must run, and take and give what its metadata says."""
+    from .files import read_regular
+
+    content = read_regular(path)
+    try:
+        litert = LiteRT(content)
+    except Exception as e:  # noqa: BLE001 (LiteRT raises ValueError, RuntimeError, ... on a bad model)
+        raise DataError(f"cannot run {path}: {_first_line(e)}") from None
+    return _check_shapes(litert, metadata, path, path)
+
+
 def litert_beside(model_path: Path, metadata: dict) -> LiteRT | None:
-    """A LiteRT interpreter for the model's verified ``.tflite`` copy, or None (then Keras is used)."""
+    """A LiteRT interpreter for the model's verified ``.tflite`` copy, or None (then Keras is used).
+
+    A verified copy whose network contradicts the model file's metadata is refused
+    (DataError), as strictly as a ``.tflite`` named explicitly: the metadata was written
+    with those very bytes' digest, so one of them was forged.
+    """
     content = verified_litert_copy(model_path, metadata)
     if content is None:
         return None
     try:
-        return LiteRT(content)
+        litert = LiteRT(content)
     except Exception as e:  # noqa: BLE001 (LiteRT raises ValueError, RuntimeError, ... on a bad model)
         log.warning(f"cannot run {tflite_path(model_path)} ({_first_line(e)}); using the Keras model")
         return None
+    return _check_shapes(litert, metadata, tflite_path(model_path), Path(model_path))
 
 
 class Predictor:

@@ -5,8 +5,13 @@
   the exported SavedModel's signature: ``probabilities``, ``classes``, ``scores``), so
   existing clients work unchanged. ``<name>`` is the model file's stem.
 - ``POST /classify``: one image (a multipart upload or the raw bytes), the same JSON as
-  ``--mode classify --json``.
+  ``--mode classify --json`` (the model named by its file name, never its path).
 - ``GET /healthz``; ``GET /``: a page to pick or drop a photo on.
+
+What one client can do to the others is bounded (``guards.py``): a request head that
+does not arrive in time, or is too large, closes its connection; a body over
+``--max_body_mb`` gets 413 as it arrives, whatever its encoding; and the decoding work of
+one request is bounded in pixels per image and per request before anything is decoded.
 
 Starlette (the ASGI toolkit FastAPI is built on; we need its routing and requests, not
 schemas) in uvicorn, the standard production ASGI server. Predictions run on LiteRT
@@ -18,23 +23,22 @@ call runs are batched into the next one (:class:`Batcher`). Every error is a JSO
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .config import ClassifyConfig, ServeConfig
-from .errors import DataError, printable
-from .images import decode_stream
+from .errors import DataError
+from .images import decode_stream, pixels_to_decode
 from .results import ClassifyResult, top_classes
 from .runtime import open_model
 
@@ -135,17 +139,40 @@ class ServedModel:
         # enlarge its memory arena; Keras' time is mostly per call (bench/README.md, "serve").
         self.batcher = Batcher(self.predictor, max_images=1 if self.predictor.runtime == "litert" else 64)
 
-    def probabilities(self, images: list[bytes]) -> np.ndarray:
-        """Decode and predict; ValueError names the first image that cannot be read."""
+    def probabilities(self, images: list[bytes], config: ServeConfig = ServeConfig()) -> np.ndarray:  # noqa: B008 (frozen)
+        """Decode and predict; ValueError names the first image that cannot be read, TooMuchWork
+        an image or a request over the pixel bounds (read from the headers, before decoding)."""
         size = self.metadata["image_size"]
-        pixels = []
+        per_image, per_request = config.max_megapixels * 1e6, config.max_request_megapixels * 1e6
+        total = 0
         for i, content in enumerate(images):
+            which = f"image {i}" if len(images) > 1 else "the image"
             try:
-                pixels.append(decode_stream(io.BytesIO(content), size))
+                pixels = pixels_to_decode(io.BytesIO(content), size)
             except ValueError as e:
-                which = f"image {i}" if len(images) > 1 else "the image"
                 raise ValueError(f"cannot read {which}: {e}") from None
-        return self.batcher(np.stack(pixels))
+            if pixels > per_image:
+                raise TooMuchWork(
+                    f"{which} decodes to {pixels / 1e6:.1f} megapixels, more than {config.max_megapixels:g} (--max_megapixels)"
+                )
+            total += pixels
+        if total > per_request:
+            raise TooMuchWork(
+                f"the images decode to {total / 1e6:.1f} megapixels in all, more than {config.max_request_megapixels:g} "
+                "(--max_request_megapixels): send fewer or smaller images"
+            )
+        return self.batcher(np.stack([self._decode(content, size, i, len(images)) for i, content in enumerate(images)]))
+
+    @staticmethod
+    def _decode(content: bytes, size: int, i: int, n: int) -> np.ndarray:
+        try:
+            return decode_stream(io.BytesIO(content), size)
+        except ValueError as e:
+            raise ValueError(f"cannot read {f'image {i}' if n > 1 else 'the image'}: {e}") from None
+
+
+class TooMuchWork(ValueError):
+    """A request whose images would cost more decoding than the server allows one request (413)."""
 
 
 # ---------------------------------------------------------------- the endpoints
@@ -156,10 +183,11 @@ class ServedModel:
 def _too_large(config: ServeConfig):
     from starlette.exceptions import HTTPException
 
-    return HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)")
+    return HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)", {"connection": "close"})
 
 
 def _refuse_declared_size(request) -> None:
+    """413 at once for a body declared too large; one that is not declared is counted as it arrives (guards.BodyGuard)."""
     config = request.app.state.config
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
@@ -169,14 +197,7 @@ def _refuse_declared_size(request) -> None:
 async def _body(request) -> bytes:
     """The request body, refused above the size limit (413) without reading it all."""
     _refuse_declared_size(request)
-    config = request.app.state.config
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > config.max_body_bytes:
-            raise _too_large(config)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join([chunk async for chunk in request.stream()])
 
 
 async def _image_of(request) -> tuple[bytes, str]:
@@ -194,12 +215,14 @@ async def _image_of(request) -> tuple[bytes, str]:
     return await _body(request), "upload"
 
 
-async def _predicted(model: ServedModel, images: list[bytes]) -> np.ndarray:
+async def _predicted(request, images: list[bytes]) -> np.ndarray:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     try:
-        return await run_in_threadpool(model.probabilities, images)
+        return await run_in_threadpool(request.app.state.model.probabilities, images, request.app.state.config)
+    except TooMuchWork as e:
+        raise HTTPException(413, str(e)) from None
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
 
@@ -213,9 +236,10 @@ async def classify_endpoint(request):
     content, name = await _image_of(request)
     if not content:
         raise HTTPException(400, "the body is empty: send an image (raw bytes or a multipart upload)")
-    probabilities = (await _predicted(model, [content]))[0]
+    probabilities = (await _predicted(request, [content]))[0]
     top = top_classes(probabilities, model.metadata["class_names"], model.classify.top_k)
-    result = ClassifyResult(name, str(model.path), model.predictor.runtime, top, model.classify.min_confidence)
+    # The model's file name, never its path: where it lies on the server's disk is for the server's own log.
+    result = ClassifyResult(name, model.path.name, model.predictor.runtime, top, model.classify.min_confidence)
     return JSONResponse(result.as_dict())
 
 
@@ -247,13 +271,13 @@ async def predict_endpoint(request):
         raise HTTPException(404, f"unknown method {verb or '(none)'}: this server answers :predict")
     try:
         payload = json.loads(await _body(request))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         raise HTTPException(400, 'the body is not JSON: send {"instances": [{"b64": "..."}]}') from None
     images, columnar = instances_of(payload)
     names = model.metadata["class_names"]
     rows = [
         {"probabilities": p.tolist(), "classes": names[int(p.argmax())], "scores": float(p.max())}
-        for p in await _predicted(model, images)
+        for p in await _predicted(request, images)
     ]
     if columnar:
         return JSONResponse({"outputs": {key: [r[key] for r in rows] for key in ("probabilities", "classes", "scores")}})
@@ -273,14 +297,14 @@ async def page_endpoint(request):
     return HTMLResponse(UPLOAD_PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
 
 
-def _error(status: int, message: str):
+def _error(status: int, message: str, headers: dict | None = None):
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _http_error(request, exc):
-    return _error(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, str(exc.detail), exc.headers)
 
 
 async def _unexpected(request, exc: Exception):
@@ -309,10 +333,15 @@ def build_app(model: ServedModel, config: ServeConfig):
     handlers = {HTTPException: _http_error, ClientDisconnect: _disconnected, Exception: _unexpected}
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.model, app.state.config = model, config
-    return RequestLog(SlowClientGuard(app, config.request_timeout))
+    from .guards import BodyGuard, RequestLog
+
+    return RequestLog(BodyGuard(app, config.max_body_bytes, config.request_timeout))
 
 
-PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; connect-src 'self'"
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; connect-src 'self'; "
+    "form-action 'none'; base-uri 'none'"
+)
 
 
 def instances_of(payload) -> tuple[list[bytes], bool]:
@@ -346,63 +375,11 @@ def instances_of(payload) -> tuple[list[bytes], bool]:
     return images, columnar
 
 
-class SlowClientGuard:
-    """ASGI middleware: a request whose body does not arrive within ``timeout`` seconds gets 408.
-
-    uvicorn closes idle keep-alive connections itself, but it sets no limit on a body
-    that trickles in, which would hold a connection (and its memory) for as long as the
-    client likes. The 408 is raised where the app reads the body, so the app's own
-    error handler answers it (as JSON).
-    """
-
-    def __init__(self, app, timeout: float):
-        self.app, self.timeout = app, timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from starlette.exceptions import HTTPException
-
-        deadline = time.monotonic() + self.timeout
-
-        async def guarded_receive():
-            try:
-                return await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise HTTPException(408, f"the body did not arrive within {self.timeout:g} s (--request_timeout)") from None
-
-        await self.app(scope, guarded_receive, send)
-
-
-class RequestLog:
-    """ASGI middleware: one line per request (method, path, status, milliseconds), never the body."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except Exception:  # noqa: BLE001 (already answered 500 by Starlette's handler, and logged in one line)
-            pass  # re-raised by Starlette so that servers may log it: uvicorn would print a traceback
-        finally:
-            path = printable(scope.get("path", ""))[:200]
-            log.info(f"{scope['method']} {path} {status} {1000 * (time.perf_counter() - start):.1f} ms")
-
-
 def serve(model_path, config: ServeConfig | None = None, classify: ClassifyConfig | None = None) -> None:
     """Serve ``model_path`` until SIGTERM or Ctrl-C; in-flight requests finish first."""
     import uvicorn
+
+    from .guards import GuardedHttpTools
 
     config = config or ServeConfig()
     model = ServedModel(Path(model_path), classify or ClassifyConfig())
@@ -424,12 +401,12 @@ def serve(model_path, config: ServeConfig | None = None, classify: ClassifyConfi
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            log_config=None,  # our logger: one line per request (RequestLog)
+            http=functools.partial(GuardedHttpTools, head_timeout=config.request_timeout),  # guards.py
+            log_config=None,  # our logger: one line per request (guards.RequestLog)
             access_log=False,
             timeout_keep_alive=5,
             timeout_graceful_shutdown=config.request_timeout,
             limit_concurrency=config.max_connections,
-            h11_max_incomplete_event_size=16 * 1024,  # header block limit
         )
     )
     # uvicorn stops on SIGTERM or SIGINT after the requests in flight, then raises the

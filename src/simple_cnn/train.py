@@ -22,9 +22,9 @@ import numpy as np
 
 from . import __version__, distribute, interrupts, metrics, plots, report
 from .cache import cache_folder
-from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, TrainConfig
+from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClusterConfig, TrainConfig
 from .dataset import SPLIT_SALT, ImageDataset, Split
-from .files import ensure_writable_dir
+from .files import ensure_free_space, ensure_writable_dir
 from .formats import LITERT_SHA256, check_model_path, save_model, write_tflite
 from .model import build_model, view_probabilities
 from .pipeline import make_tf_dataset
@@ -44,6 +44,7 @@ def train(
     config: TrainConfig | None = None,
     fresh: bool = False,
     cache_dir=None,
+    cluster_config: ClusterConfig | None = None,
 ) -> TrainResult | WorkerResult:
     """Train a model on ``dataset_path`` and save it to ``model_path``.
 
@@ -53,7 +54,8 @@ def train(
 
     An interrupted run (Ctrl-C, a kill, a crash) resumes from its last completed epoch
     when called again with the same dataset and settings; ``fresh=True`` starts over.
-    ``cache_dir`` keeps the decoded images on disk instead of in RAM (``cache.py``).
+    ``cache_dir`` keeps the decoded images on disk instead of in RAM (``cache.py``);
+    ``cluster_config``: where the other workers are, and how long to wait for them.
     """
     started = time.monotonic()
     model_path = check_model_path(model_path)
@@ -61,8 +63,10 @@ def train(
     images_dir = ensure_writable_dir(Path(images_dir), "images")
     cache_dir = cache_folder(cache_dir) if cache_dir is not None else None  # refused before any work
     config = config or TrainConfig()
+    if config.tensorboard_dir:  # refused before any work too, not after the images are decoded
+        ensure_writable_dir(Path(config.tensorboard_dir), "TensorBoard")
     with RunState(model_path, distribute.worker_suffix(config.distribute)).lock() as run:
-        cluster = distribute.make_cluster(config.distribute)
+        cluster = distribute.make_cluster(config.distribute, (cluster_config or ClusterConfig()).worker_wait)
         for line in cluster.describe():
             log.info(line)
         dataset = ImageDataset.scan(dataset_path, config.val_split, config.test_split)
@@ -321,6 +325,9 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
         train_split.x, lambda i: names[train_split.y[i]], images_dir / "examples_train_images.png", "Training images", config.seed
     )
     train_split.x = val_split.x = None
+    from .callbacks import state_bytes
+
+    ensure_free_space(Path(result.model_file_path).parent, state_bytes(model), "the model and its LiteRT copy")
     metadata = model_metadata(result, config, history)
     # Training is over: drop the compiled training, evaluation and prediction graphs so
     # that the LiteRT converter reuses their memory.
