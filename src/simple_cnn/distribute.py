@@ -240,24 +240,25 @@ def _from_slurm(env, port: int) -> Membership:
     The node list and tasks-per-node syntax (``node[01-03,07],gpu-a``, ``2(x3),1``) are
     parsed by TensorFlow's own SlurmClusterResolver functions. Not that resolver itself:
     it sorts the nodes by name, which disagrees with SLURM_PROCID when Slurm's node
-    order is not alphabetical, and it calls nvidia-smi.
+    order is not alphabetical, and it calls nvidia-smi. What they would expand is counted
+    first, before TensorFlow is even imported.
     """
+    name = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+    per_node_name = "SLURM_STEP_TASKS_PER_NODE" if env.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+    _refuse_too_many(name, env.get(name, ""), _hostlist_size(env.get(name, "")))
+    _refuse_too_many(per_node_name, env.get(per_node_name, ""), _tasks_size(env.get(per_node_name, "")))
     import_tensorflow()
     from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
         expand_hostlist,
         expand_tasks_per_node,
     )
 
-    name = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
-    _refuse_too_many(name, env.get(name, ""), _hostlist_size(env.get(name, "")))
     try:
         hosts = expand_hostlist(env.get(name, ""))
         if not hosts or not all(hosts):
             raise ValueError("empty")
     except (ValueError, AssertionError):
         raise UsageError(f"cannot read Slurm's node list {name}={env.get(name, '')!r}: is this an srun step?") from None
-    per_node_name = "SLURM_STEP_TASKS_PER_NODE" if env.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
-    _refuse_too_many(per_node_name, env.get(per_node_name, ""), _tasks_size(env.get(per_node_name, "")))
     try:
         per_node = expand_tasks_per_node(env[per_node_name]) if env.get(per_node_name) else [1] * len(hosts)
     except ValueError:
@@ -370,9 +371,8 @@ def _multiworker_strategy(tf, addresses: list[str], me: int, worker_wait: float)
                 signal.signal(sig, handler)
 
 
-# The watchdog: waits for its stdin to close (the strategy is built) for at most the given
-# seconds; else says which workers do not accept a connection, and ends the waiting worker.
-# A process of its own, with the standard library only: the worker's Python is stuck.
+# The watchdog, a process of its own with the standard library only (the worker's Python is
+# stuck): it waits for its stdin to close (built) for the given seconds, else ends the worker.
 _WATCHDOG = """
 import os, select, signal, socket, sys
 parent, seconds, others = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
