@@ -6,9 +6,10 @@
   :data:`MAX_HEAD_BYTES` (the URL and the headers) with 431 and closes it. uvicorn itself
   bounds neither: its keep-alive timer starts only after a response, and its header
   limit applies to the h11 parser only.
-- :class:`BodyGuard` (ASGI middleware) counts the bytes of every request body as they
-  arrive, whatever the encoding (Content-Length, chunked, a multipart form), and answers
-  413 the moment they pass ``--max_body_mb``, or 408 when the body takes longer than
+- :class:`BodyGuard` (ASGI middleware), the one home of the body limit, refuses a body
+  whose Content-Length is over ``--max_body_mb`` before reading any of it, counts the
+  bytes of every other body as they arrive, whatever the encoding (chunked, a multipart
+  form), and answers 413 the moment they pass it, or 408 when the body takes longer than
   ``--request_timeout``; both close the connection.
 - :class:`RequestLog` writes one line per request (method, path, status, milliseconds),
   never the body.
@@ -126,9 +127,15 @@ class BodyGuard:
         from starlette.exceptions import HTTPException
 
         deadline, received = time.monotonic() + self.timeout, 0
+        too_large = HTTPException(
+            413, f"the body is larger than {self.max_bytes:,} bytes (--max_body_mb)", {"connection": "close"}
+        )
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
 
         async def guarded_receive():
             nonlocal received
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise too_large  # declared too large: refused before a byte of it is read
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -137,9 +144,7 @@ class BodyGuard:
                 ) from None
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise HTTPException(
-                    413, f"the body is larger than {self.max_bytes:,} bytes (--max_body_mb)", {"connection": "close"}
-                )
+                raise too_large
             return message
 
         await self.app(scope, guarded_receive, send)

@@ -141,16 +141,25 @@ def _reason(e: Exception) -> str:
     return "truncated file" if "truncated" in text.lower() else text
 
 
-def pixels_to_decode(f, image_size: int) -> int:
-    """The pixels :func:`decode_stream` would decode from the open image ``f`` (a JPEG at its
-    reduced decoding scale), read from the header alone; ValueError for what cannot be read."""
+@contextlib.contextmanager
+def _opened(f, image_size: int):
+    """The image in the open binary file ``f``, its format and size checked from the header
+    (a decompression bomb is refused before any decoding), set to decode a JPEG at a reduced
+    scale (Image.draft). Any failure, then or in the block, is a ValueError with the reason."""
     try:
         with Image.open(f) as im:
             _checked_size(im)
             im.draft("RGB", (image_size, image_size))
-            return im.size[0] * im.size[1]
+            yield im
     except Exception as e:  # as in check_header: Pillow's parsers raise many kinds on bad bytes
         raise ValueError(_reason(e)) from None
+
+
+def pixels_to_decode(f, image_size: int) -> int:
+    """The pixels :func:`decode_stream` would decode from the open image ``f`` (a JPEG at its
+    reduced decoding scale), read from the header alone; ValueError for what cannot be read."""
+    with _opened(f, image_size) as im:
+        return im.size[0] * im.size[1]
 
 
 def read_image(path: Path, image_size: int) -> np.ndarray:
@@ -167,14 +176,8 @@ def read_image(path: Path, image_size: int) -> np.ndarray:
 
 def decode_stream(f, image_size: int) -> np.ndarray:
     """:func:`read_image` for an open binary file or a ``BytesIO`` (an upload, say)."""
-    try:
-        with Image.open(f) as im:
-            _checked_size(im)  # from the header: a decompression bomb is refused before any decoding
-            im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale
-            with DECODING.hold(im.size[0] * im.size[1]):
-                return _decode(im, image_size)
-    except Exception as e:  # as in check_header: any failure to decode means "skip this file"
-        raise ValueError(_reason(e)) from None
+    with _opened(f, image_size) as im, DECODING.hold(im.size[0] * im.size[1]):
+        return _decode(im, image_size)
 
 
 def _decode(im: Image.Image, image_size: int) -> np.ndarray:

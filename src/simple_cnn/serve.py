@@ -144,13 +144,10 @@ class ServedModel:
         an image or a request over the pixel bounds (read from the headers, before decoding)."""
         size = self.metadata["image_size"]
         per_image, per_request = config.max_megapixels * 1e6, config.max_request_megapixels * 1e6
+        names = [f"image {i}" for i in range(len(images))] if len(images) > 1 else ["the image"]
         total = 0
-        for i, content in enumerate(images):
-            which = f"image {i}" if len(images) > 1 else "the image"
-            try:
-                pixels = pixels_to_decode(io.BytesIO(content), size)
-            except ValueError as e:
-                raise ValueError(f"cannot read {which}: {e}") from None
+        for which, content in zip(names, images):
+            pixels = _read(pixels_to_decode, content, size, which)
             if pixels > per_image:
                 raise TooMuchWork(
                     f"{which} decodes to {pixels / 1e6:.1f} megapixels, more than {config.max_megapixels:g} (--max_megapixels)"
@@ -161,14 +158,15 @@ class ServedModel:
                 f"the images decode to {total / 1e6:.1f} megapixels in all, more than {config.max_request_megapixels:g} "
                 "(--max_request_megapixels): send fewer or smaller images"
             )
-        return self.batcher(np.stack([self._decode(content, size, i, len(images)) for i, content in enumerate(images)]))
+        return self.batcher(np.stack([_read(decode_stream, content, size, which) for which, content in zip(names, images)]))
 
-    @staticmethod
-    def _decode(content: bytes, size: int, i: int, n: int) -> np.ndarray:
-        try:
-            return decode_stream(io.BytesIO(content), size)
-        except ValueError as e:
-            raise ValueError(f"cannot read {f'image {i}' if n > 1 else 'the image'}: {e}") from None
+
+def _read(reader, content: bytes, size: int, which: str):
+    """``reader`` (the header's pixels, or the decoder) on one uploaded image; ValueError names ``which``."""
+    try:
+        return reader(io.BytesIO(content), size)
+    except ValueError as e:
+        raise ValueError(f"cannot read {which}: {e}") from None
 
 
 class TooMuchWork(ValueError):
@@ -180,23 +178,8 @@ class TooMuchWork(ValueError):
 # (``request.app.state.model``, ``.config``), set by :func:`build_app`.
 
 
-def _too_large(config: ServeConfig):
-    from starlette.exceptions import HTTPException
-
-    return HTTPException(413, f"the body is larger than {config.max_body_bytes:,} bytes (--max_body_mb)", {"connection": "close"})
-
-
-def _refuse_declared_size(request) -> None:
-    """413 at once for a body declared too large; one that is not declared is counted as it arrives (guards.BodyGuard)."""
-    config = request.app.state.config
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
-        raise _too_large(config)
-
-
 async def _body(request) -> bytes:
-    """The request body, refused above the size limit (413) without reading it all."""
-    _refuse_declared_size(request)
+    """The request body (a body over --max_body_mb is refused with 413 as it arrives: guards.BodyGuard)."""
     return b"".join([chunk async for chunk in request.stream()])
 
 
@@ -205,8 +188,7 @@ async def _image_of(request) -> tuple[bytes, str]:
     from starlette.exceptions import HTTPException
 
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        _refuse_declared_size(request)  # a chunked upload is bounded by max_part_size (then 400)
-        limit = request.app.state.config.max_body_bytes
+        limit = request.app.state.config.max_body_bytes  # the whole body's limit is guards.BodyGuard's
         async with request.form(max_files=1, max_fields=8, max_part_size=limit) as form:
             upload = next((v for v in form.values() if hasattr(v, "read")), None)
             if upload is None:

@@ -66,12 +66,12 @@ def train(
     if config.tensorboard_dir:  # refused before any work too, not after the images are decoded
         ensure_writable_dir(Path(config.tensorboard_dir), "TensorBoard")
     with RunState(model_path, distribute.worker_suffix(config.distribute)).lock() as run:
+        dataset = ImageDataset.scan(dataset_path, config.val_split, config.test_split)  # said before TensorFlow starts
+        image_size = dataset.training_image_size(config.image_size, warn_imbalance=config.class_weight == "none")
+        config = replace(config, batch_size=config.batch_for(image_size))  # recorded as used
         cluster = distribute.make_cluster(config.distribute, (cluster_config or ClusterConfig()).worker_wait)
         for line in cluster.describe():
             log.info(line)
-        dataset = ImageDataset.scan(dataset_path, config.val_split, config.test_split)
-        image_size = dataset.training_image_size(config.image_size, warn_imbalance=config.class_weight == "none")
-        config = replace(config, batch_size=config.batch_for(image_size))  # recorded as used
         splits = dataset.training_splits(image_size, cache_dir, cluster.shard)
         summary = dataset.summary()  # what was found, skipped and set aside
         with interrupts.deferred():  # from here TensorFlow works: a signal waits for a safe point
@@ -318,6 +318,8 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
     are then released (the splits keep their labels and fingerprints), so that the LiteRT
     converter's memory does not come on top of theirs at the run's peak.
     """
+    from .callbacks import state_bytes
+
     train_split, val_split = splits
     curves = plots.training_curves(history, images_dir / "training_curves.png")
     names = result.class_names
@@ -325,8 +327,6 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
         train_split.x, lambda i: names[train_split.y[i]], images_dir / "examples_train_images.png", "Training images", config.seed
     )
     train_split.x = val_split.x = None
-    from .callbacks import state_bytes
-
     ensure_free_space(Path(result.model_file_path).parent, state_bytes(model), "the model and its LiteRT copy")
     metadata = model_metadata(result, config, history)
     # Training is over: drop the compiled training, evaluation and prediction graphs so
