@@ -185,7 +185,7 @@ digits() {
     return 0
   fi
   PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" -c \
-    'from simple_cnn.dataset import ensure_digits_dataset; ensure_digits_dataset("datasets/digits")' \
+    'from simple_cnn.sources import ensure_digits_dataset; ensure_digits_dataset("datasets/digits")' \
     || fail "digits: could not write datasets/digits with $PYTHON (install requirements.txt first)"
   say "digits: ready in datasets/digits (1797 files)"
 }

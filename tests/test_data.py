@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,9 +11,11 @@ from PIL import Image
 
 from conftest import bomb_png, make_shapes_dataset, shape_image
 from simple_cnn import images
-from simple_cnn.dataset import AUTO_SIZE_MAX, SPLITS, ImageDataset, ensure_digits_dataset, load_data, split_of
+from simple_cnn.dataset import AUTO_SIZE_MAX, SPLITS, ImageDataset, load_data, split_of
 from simple_cnn.errors import DataError
 from simple_cnn.images import read_image
+from simple_cnn.sources import ensure_digits_dataset
+from simple_cnn.splits import Layout
 
 
 def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
@@ -87,7 +90,7 @@ def test_corrupt_files_are_skipped_and_counted_not_fatal(tmp_path):
     shape_image("triangle", rng).save(good_png, "PNG")
     (root / "triangle" / "truncated.png").write_bytes(good_png.getvalue()[:-40])
 
-    ds = ImageDataset.scan(root, val_split=0.01, test_split=0.01)
+    ds = ImageDataset.scan(root, Layout(val_split=0.01, test_split=0.01))
     decoded = ds.decode(ds.images, 16)
     x, y = decoded.x, decoded.y
 
@@ -168,15 +171,21 @@ def test_unusable_dataset_folders_are_clear_errors(tmp_path, layout, message):
         ImageDataset.scan(root)
 
 
-def test_split_is_stable_when_images_are_added(tmp_path):
+def test_added_images_move_only_images_of_their_own_class_and_hash_splits_never_move(tmp_path):
     root = make_shapes_dataset(tmp_path / "ds", per_class=30)
+    hashed = Layout(split_method="hash")
     before = {r.relpath: r.split for r in ImageDataset.scan(root).images}
+    before_hashed = {r.relpath: r.split for r in ImageDataset.scan(root, hashed).images}
     rng = np.random.default_rng(9)
     for i in range(25):
         shape_image("circle", rng).save(root / "circle" / f"added_{i}.png")
     after = {r.relpath: r.split for r in ImageDataset.scan(root).images}
     assert len(after) == len(before) + 25
-    assert all(after[p] == s for p, s in before.items())
+    assert all(after[p] == s for p, s in before.items() if not p.startswith("circle/"))
+    circles = Counter(s for p, s in after.items() if p.startswith("circle/"))
+    assert circles == {"train": 39, "val": 8, "test": 8}  # 55 circles: 15% of them is 8.25, rounded to 8
+    after_hashed = {r.relpath: r.split for r in ImageDataset.scan(root, hashed).images}
+    assert all(after_hashed[p] == s for p, s in before_hashed.items())
 
 
 def test_split_fractions_are_roughly_as_asked_and_deterministic():

@@ -137,7 +137,7 @@ def test_killed_worker_restarted_lets_the_job_finish(tmp_path):
 
 def test_a_worker_whose_peers_never_come_stops_naming_them(tmp_path):
     """A peer that never starts: the worker says which address never answered, within --worker_wait, in one line."""
-    make_shapes_dataset(tmp_path / "ds", per_class=3)
+    make_shapes_dataset(tmp_path / "ds", per_class=5)  # five a class: a validation image each (splits.MIN_STRATIFIED)
     ports = _free_ports(2)
     tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": 0}}
     started = time.monotonic()

@@ -8,9 +8,9 @@ import numpy as np
 
 from conftest import add_copies, make_shapes_dataset
 from simple_cnn import duplicates
-from simple_cnn.config import TrainConfig
-from simple_cnn.dataset import ImageDataset, load_data, split_of
+from simple_cnn.dataset import ImageDataset, load_data
 from simple_cnn.duplicates import Fingerprints
+from simple_cnn.splits import Layout, assign
 
 
 def test_near_pairs_index_finds_what_brute_force_finds():
@@ -46,7 +46,9 @@ def test_copies_join_the_earliest_split_and_load_data_agrees(tmp_path):
     assert dataset.copies.set_aside == [(files["identical"], files["original"])]
     kept = {r.relpath: r.split for r in dataset.images}
     assert files["identical"] not in kept
-    assert all(split == split_of(f, TrainConfig.val_split, TrainConfig.test_split) for f, split in kept.items())
+    every = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.*"))
+    given = dict(zip(every, assign(every, [f.split("/")[0] for f in every], Layout())))
+    assert all(split == given[f] for f, split in kept.items())
     report = dataset.copies.report(dataset.class_names)
     assert report["mixed_labels"] == [[f"{files['original']} (circle)", f"{files['identical']} (square)"]]
 

@@ -31,6 +31,7 @@ from conftest import (
 )
 from simple_cnn.dataset import ImageDataset
 from simple_cnn.images import read_image
+from simple_cnn.splits import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
@@ -129,7 +130,7 @@ def odd_run(tmp_path_factory):
     summary["set_aside"] = {c["file"].removeprefix("circle/") for c in summary["duplicates"]["set_aside"]}
     summary["train_files"] = {
         r.relpath.removeprefix("circle/"): r.split
-        for r in ImageDataset.scan(root, 0.2, 0.001).images
+        for r in ImageDataset.scan(root, Layout(0.2, 0.001)).images
         if r.relpath.startswith("circle/")
     }
     return summary

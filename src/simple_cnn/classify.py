@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import interrupts
+from . import interrupts, multilabel
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError, printable
 from .files import atomic_output, csv_cell, ensure_writable_dir
 from .images import decode_images, image_files, read_image
-from .results import ClassifyManyResult, ClassifyResult, answer, top_classes
+from .results import ClassifyManyResult, ClassifyResult, prediction, top_classes
 from .runtime import Predictor, read_model_metadata
 
 log = logging.getLogger(__name__)
@@ -111,15 +111,9 @@ def classify_many(
         overlays = write_explanations(predictor, x, probabilities, good, images_dir) if explain else [None] * len(good)
         for path, probs, overlay in zip(good, probabilities, overlays):
             top = top_classes(probs, names, top_k)
-            predictions.append(
-                {
-                    "image": printable(str(path)),
-                    "class": answer(top, min_confidence),
-                    "probability": top[0]["probability"],
-                    "top_k": top,
-                }
-                | ({"explanation": printable(overlay)} if overlay else {})
-            )
+            labels = multilabel.answer_of(probs, metadata, min_confidence)
+            explanation = {"explanation": printable(overlay)} if overlay else {}
+            predictions.append({"image": printable(str(path))} | prediction(top, min_confidence, labels) | explanation)
     seconds = time.monotonic() - started
     return ClassifyManyResult(
         model_file_path=str(model_path),
@@ -157,21 +151,27 @@ def classify(
     probabilities = predictor(pixels[None])
     top = top_classes(probabilities[0], metadata["class_names"], top_k)
     overlay = write_explanations(predictor, pixels[None], probabilities, [image_path], images_dir)[0] if explain else None
-    return ClassifyResult(str(image_path), str(model_path), predictor.runtime, top, min_confidence, overlay)
+    labels = multilabel.answer_of(probabilities[0], metadata, min_confidence)
+    return ClassifyResult(str(image_path), str(model_path), predictor.runtime, top, min_confidence, overlay, labels)
 
 
 def write_predictions(result: ClassifyManyResult, path: Path) -> None:
     """Write :func:`classify_many`'s predictions to ``path``, atomically: CSV
-    (``file,class,probability,top_k`` with top_k as ``class:p;class:p``) or JSON lines."""
+    (``file,class,probability,top_k`` with top_k as ``class:p;class:p``; a multi-label
+    model adds ``labels``, those given, as ``class:p;class:p``) or JSON lines."""
     if path.suffix == ".jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.predictions)
     else:
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["file", "class", "probability", "top_k"])
+        multi = any("labels" in r for r in result.predictions)
+        writer.writerow(["file", "class", "probability", "top_k"] + (["labels"] if multi else []))
         for r in result.predictions:
             top = ";".join(f"{t['class']}:{t['probability']:.4f}" for t in r["top_k"])
-            writer.writerow([csv_cell(r["image"]), csv_cell(r["class"]), f"{r['probability']:.4f}", csv_cell(top)])
+            row = [csv_cell(r["image"]), csv_cell(r["class"]), f"{r['probability']:.4f}", csv_cell(top)]
+            if multi:
+                row.append(csv_cell(";".join(f"{t['class']}:{t['probability']:.4f}" for t in r.get("labels", []))))
+            writer.writerow(row)
         text = buf.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:

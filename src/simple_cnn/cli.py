@@ -38,12 +38,18 @@ examples:
     simple-cnn --mode train
   train on your own folder of class folders:
     simple-cnn --mode train --dataset_path datasets/flower_photos --epochs 20
+  train from a labels file (path,label per row; 'a|b' for several labels), keeping each patient in one split:
+    simple-cnn --mode train --dataset_path datasets/xrays --labels datasets/xrays/labels.csv --group_by '^(p[0-9]+)_'
   evaluate on the test split (images the model never saw), write plots and metrics.json:
     simple-cnn --mode test --dataset_path datasets/flower_photos
   classify one image:
     simple-cnn --mode classify --single_image_path datasets/flower_photos/roses/x.jpg
   classify a folder (or a glob such as 'photos/*.jpg') into a CSV file:
     simple-cnn --mode classify --input_path photos/ --output predictions.csv
+  is the new model really better? both on the same test images, with a paired test:
+    simple-cnn --mode compare --model_file_path models/old.keras --other_model models/new.keras
+  which labels look wrong? (cross-fitted, within --max_minutes; changes no file):
+    simple-cnn --mode audit --dataset_path datasets/flower_photos
   export the model for serving or devices (tflite, savedmodel or onnx), next to it:
     simple-cnn --mode export --format onnx
 
@@ -85,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=_Formatter,
     )
-    p.add_argument("--mode", required=True, choices=["train", "test", "classify", "export", "serve"], help="what to do")
+    p.add_argument(
+        "--mode", required=True, choices=["train", "test", "classify", "export", "serve", "compare", "audit"], help="what to do"
+    )
     p.add_argument(
         "--dataset_path",
         help=f"dataset folder with one sub-folder per class (default: train uses the built-in digits in "
@@ -113,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--output", help="write classify results for --input_path to this .csv or .jsonl file")
     _add_settings(classify, ClassifyConfig)
     _add_settings(p.add_argument_group("serve mode (also --min_confidence, --top_k)"), ServeConfig)
+    p.add_argument(
+        "--other_model",
+        action="append",
+        default=[],
+        help="compare mode: a model to compare with --model_file_path on the same test images (repeat for several)",
+    )
     p.add_argument("--format", choices=["tflite", "savedmodel", "onnx"], help="export format (export mode)")
     p.add_argument(
         "--quantize",
@@ -146,6 +160,10 @@ def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig, ClusterConfig]:
         parser.error("--output goes with --mode classify --input_path")
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
         parser.error(f"--output {args.output} must end in .csv or .jsonl")
+    if args.mode == "compare" and not args.other_model:
+        parser.error("--mode compare needs --other_model B (and --model_file_path A)")
+    if args.other_model and args.mode != "compare":
+        parser.error("--other_model goes with --mode compare")
     if args.mode == "export" and not args.format:
         parser.error("--mode export needs --format tflite|savedmodel|onnx")
     if args.quantize and not (args.mode == "export" and args.format == "tflite"):
@@ -156,6 +174,8 @@ def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig, ClusterConfig]:
     try:
         if not explicit_litert:  # classify also runs a .tflite file named explicitly (a quantized copy)
             check_model_path(args.model_file_path)
+        for other in args.other_model:
+            check_model_path(other)
     except UsageError as e:
         parser.error(str(e))
     return train_config, classify_config, cluster_config
@@ -176,7 +196,7 @@ def _join_cluster(args, parser, cluster_config: ClusterConfig) -> None:
 def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig, cluster_config: ClusterConfig):
     """Run the mode; return its result (results.py)."""
     if args.mode == "train":
-        from .dataset import ensure_digits_dataset
+        from .sources import ensure_digits_dataset
         from .train import train
 
         dataset = Path(args.dataset_path) if args.dataset_path else ensure_digits_dataset(Path(DEFAULT_DATASET))
@@ -192,11 +212,20 @@ def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig, clust
             train_config.batch_size,
             args.cache_dir,
             classify_config.min_confidence,
+            train_config.labels,
         )
     if args.mode == "export":
         from .export import export
 
-        return export(args.model_file_path, args.format, args.quantize, args.dataset_path)
+        return export(args.model_file_path, args.format, args.quantize, args.dataset_path, train_config.labels)
+    if args.mode == "audit":
+        from .audit import audit
+
+        return audit(args.dataset_path or DEFAULT_DATASET, args.images_dir, train_config)
+    if args.mode == "compare":
+        from .compare import compare
+
+        return compare([args.model_file_path, *args.other_model], args.dataset_path, args.images_dir)
     if args.mode == "serve":
         from .serve import serve
 
@@ -277,7 +306,10 @@ def main(argv=None) -> int:
         _error(f"--mode {args.mode} needs {package}, which is not installed here: use the full simple_cnn image")
         return 1
     except KeyboardInterrupt as e:
-        resume = " (run the same command again to resume training; --fresh starts over)" if args.mode == "train" else ""
+        resume = {
+            "train": " (run the same command again to resume training; --fresh starts over)",
+            "audit": " (run the same command again to resume the audit after its last finished fold)",
+        }.get(args.mode, "")
         print(f"simple-cnn: interrupted{resume}", file=sys.stderr)
         _end_now(128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT))
     except Exception as e:  # noqa: BLE001 (the last resort: a bug, or a failure nobody foresaw)

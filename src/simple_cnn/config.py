@@ -9,6 +9,7 @@ which the CLI turns into a usage error, exit 2).
 This module imports nothing heavy, so ``simple-cnn --help`` stays fast.
 """
 
+import re
 from dataclasses import dataclass, field, fields
 
 from .errors import UsageError
@@ -97,6 +98,21 @@ class TrainConfig:
     )
     val_split: float = setting(0.15, "fraction of images for validation (chooses the best epoch)")
     test_split: float = setting(0.15, "fraction of images held out for --mode test")
+    labels: str | None = setting(
+        None,
+        "a CSV (or .tsv) file naming each image's path inside --dataset_path and its label(s), instead of class "
+        "folders; optional split (train, val, test) and group columns (train and test modes)",
+    )
+    multi_label: bool | None = setting(
+        None,
+        "several labels per image: a sigmoid output per class, each with its own threshold (default: when a "
+        "--labels cell holds a '|'); also joins several rows of one path",
+    )
+    group_by: str | None = setting(
+        None,
+        "a regular expression over each image's path inside the dataset; its first group names the image's group "
+        "(a patient, a plant, a video), and a group lands whole in one split, e.g. '^([^_]+)_'",
+    )
     seed: int = setting(42, "random seed for weights, shuffling and augmentation")
     augment: bool = setting(True, "random flips, rotations, zooms and contrast in training", flag=False)
     class_weight: str = setting(
@@ -143,6 +159,8 @@ class TrainConfig:
             raise SettingError(("max_minutes",), f"must be positive, not {self.max_minutes}")
         if self.class_weight not in ("none", "auto"):
             raise SettingError(("class_weight",), f"must be none or auto, not {self.class_weight}")
+        if self.group_by is not None:
+            check_group_pattern(self.group_by)
         if self.distribute not in DISTRIBUTE_KINDS:
             raise SettingError(("distribute",), f"must be one of {', '.join(DISTRIBUTE_KINDS)}, not {self.distribute}")
 
@@ -167,6 +185,14 @@ def check_splits(val_split: float, test_split: float) -> None:
         raise SettingError(
             ("val_split", "test_split"), f"must be below 1 to leave images to train on, not {val_split + test_split:g}"
         )
+
+
+def check_group_pattern(pattern: str) -> None:
+    """--group_by must compile (whether it matches any path is the dataset's to say)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise SettingError(("group_by",), f"is not a regular expression ({e}): e.g. '^(patient_[0-9]+)_'") from None
 
 
 @dataclass(frozen=True)

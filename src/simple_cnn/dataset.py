@@ -8,9 +8,10 @@ A dataset is a folder whose sub-folders are the classes, sorted by name::
 
 :class:`ImageDataset` owns its life cycle, in the order the modes use it:
 
-1. :meth:`ImageDataset.scan` finds the classes and images, checks each header
-   (``images.py``), gives each image a split that never moves (:func:`split_of`), and
-   sets aside byte-identical copies that would straddle the splits.
+1. :meth:`ImageDataset.scan` finds the classes and images (class folders or a labels
+   file, ``sources.py``), checks each header (``images.py``), gives each image its split
+   (``splits.py``: stratified by class, groups kept whole, a labels file's own split
+   followed), and sets aside byte-identical copies that would straddle the splits.
 2. :meth:`ImageDataset.decode` decodes a list of images into a :class:`Split` (uint8
    pixels at the training size, labels, fingerprints), in RAM or through the verified
    disk cache (``cache.py``); unreadable files are skipped and counted.
@@ -26,94 +27,40 @@ Nothing here imports TensorFlow, so classify and ``--help`` stay fast.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from . import duplicates
+from . import duplicates, sources, splits
 from .cache import load_cached
-from .config import TrainConfig, check_splits
-from .duplicates import Fingerprints
-from .errors import DataError, printable
-from .files import atomic_dir, ensure_writable_dir
-from .images import check_header, decode_images, image_files, try_each, usable_cpus
+from .duplicates import Copies, Fingerprints
+from .errors import DataError, UsageError, printable
+from .images import check_header, decode_images, try_each, usable_cpus
+from .labels import LabelsFile
+from .splits import SPLIT_SALT, SPLITS, Layout, split_of  # noqa: F401 (split_of and SPLIT_SALT: the dataset's API too)
 
 log = logging.getLogger(__name__)
-
-SPLIT_SALT = b"simple_cnn split v1"
-SPLITS = ("train", "val", "test")  # also the order in which a group of copies claims a split
 # The automatic training size: the median short side of the images, within these bounds.
 AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 112  # why 112: bench/README.md, "Tried after the 1x1 layer"
-
-
-def split_of(relpath: str, val_split: float, test_split: float) -> str:
-    """The split ("train", "val" or "test") of an image, from its path in the dataset.
-
-    A salted SHA-256 of the path gives a number in [0, 1) that depends on nothing
-    else, so an image keeps its split on every run, in every mode, and when other
-    images are added or removed.
-    """
-    digest = hashlib.sha256(SPLIT_SALT + b"\0" + os.fsencode(relpath)).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < test_split:
-        return "test"
-    if u < test_split + val_split:
-        return "val"
-    return "train"
-
-
-def check_class_name(name: str, root: Path) -> None:
-    """Refuse a class folder name that could not travel safely into labels, CSV and JSON."""
-    if printable(name) != name:
-        raise DataError(
-            f"the class folder {printable(name)!r} in {printable(str(root))} has a name that is not valid UTF-8 or holds "
-            "a control character (newline, tab, escape): rename the folder"
-        )
 
 
 @dataclass
 class ImageRecord:
     relpath: str  # e.g. "daisy/123.jpg", always with "/" separators
-    label: int
-    split: str
+    label: int  # the class it counts for in splits and copies (multi-label: its rarest label)
+    split: str | None  # None until the dataset gives it one (a labels file may)
     size: tuple[int, int]  # (width, height) from the header
     nbytes: int = 0  # the file's size in bytes
+    labels: tuple[int, ...] = ()  # every label (multi-label); () means (label,)
+    group: str | None = None  # --group_by's name for it, or the labels file's group column
 
-
-@dataclass
-class Copies:
-    """The copies found in a dataset (see ``duplicates.py``): links between files, and what was set aside."""
-
-    links: list[tuple[str, str]] = field(default_factory=list)  # (relpath, relpath) of two copies
-    labels: dict[str, int] = field(default_factory=dict)  # the class of every linked file
-    set_aside: list[tuple[str, str]] = field(default_factory=list)  # (relpath, the copy that kept its split)
-
-    def link(self, a: str, label_a: int, b: str, label_b: int) -> None:
-        self.links.append((a, b))
-        self.labels[a], self.labels[b] = label_a, label_b
-
-    def groups(self) -> list[list[str]]:
-        names = sorted(self.labels)
-        index = {name: i for i, name in enumerate(names)}
-        pairs = [(index[a], index[b]) for a, b in self.links]
-        return [sorted(names[i] for i in g) for g in duplicates.groups(len(names), pairs)]
-
-    def report(self, class_names: list[str]) -> dict:
-        """For the outputs: how many groups and images, what was set aside, and mislabelled groups."""
-        found = self.groups()
-        mixed = [g for g in found if len({self.labels[f] for f in g}) > 1]
-        return {
-            "groups": len(found),
-            "images": sum(map(len, found)),
-            "set_aside": [{"file": printable(f), "copy_of": printable(kept)} for f, kept in self.set_aside],
-            "mixed_labels": [[f"{printable(f)} ({class_names[self.labels[f]]})" for f in g] for g in mixed],
-        }
+    @property
+    def all_labels(self) -> tuple[int, ...]:
+        return self.labels or (self.label,)
 
 
 @dataclass
@@ -137,58 +84,90 @@ class Split:
 
 @dataclass
 class ImageDataset:
-    """A folder of class folders with a stable split per image (see the module's docstring)."""
+    """A folder of images with their labels and a split per image (see the module's docstring)."""
 
     root: Path
     class_names: list[str]
     images: list[ImageRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     copies: Copies = field(default_factory=Copies)
+    layout: Layout = field(default_factory=Layout)
+    labels_file: LabelsFile | None = None
+    multi_label: bool = False
+    trained_on: int = 0  # test images not scored: the model trained on them (the dataset changed since)
 
     # ------------------------------------------------------------------ 1. scan
 
     @classmethod
-    def scan(cls, root, val_split: float = TrainConfig.val_split, test_split: float = TrainConfig.test_split) -> ImageDataset:
-        """Find the classes and images under ``root`` and check each image's header.
+    def scan(cls, root, layout: Layout | None = None) -> ImageDataset:
+        """Find the classes and images under ``root`` as ``layout`` says, and check each image's header.
 
-        Hidden files and folders and files without an image suffix are ignored; images
-        in nested sub-folders of a class belong to that class. Files that cannot be
-        read are recorded in ``skipped``, never raised. Links that lead outside the
-        dataset (a class folder or an image) are not followed.
+        Class folders: hidden files and folders and files without an image suffix are
+        ignored; images in nested sub-folders of a class belong to that class; links that
+        lead outside the dataset are not followed. A labels file: ``labels.py``. Files
+        that cannot be read are recorded in ``skipped``, never raised.
         """
-        root = Path(root)
-        dataset = cls(root=root, class_names=_class_folders(root), images=[])
-        candidates = []
-        for label, name in enumerate(dataset.class_names):
-            for path in image_files(root / name):
-                relpath = path.relative_to(root).as_posix()
-                if path.is_symlink() and not _inside(path, root):
-                    dataset.skipped.append((relpath, "a link to a file outside the dataset (not followed)"))
-                else:
-                    candidates.append((relpath, label))
+        root, layout = Path(root), layout or Layout()
+        source = sources.find(root, layout.labels, layout.multi_label)
+        dataset = cls(root, source.class_names, [], source.skipped, layout=layout, labels_file=source.labels_file)
+        dataset.multi_label = source.multi_label
         # Header checks wait on the disk more than on the CPU: twice the threads.
-        headers, errors = try_each(lambda item: check_header(root / item[0]), candidates, threads=min(8, 2 * usable_cpus()))
-        for (relpath, label), header, error in zip(candidates, headers, errors):
+        found = source.candidates
+        headers, errors = try_each(lambda c: check_header(root / c.relpath), found, threads=min(8, 2 * usable_cpus()))
+        for c, primary, header, error in zip(found, source.primary_labels(), headers, errors):
             if error is not None:
-                dataset.skipped.append((relpath, error))
+                dataset.skipped.append((c.relpath, error))
             else:
                 size, nbytes = header
-                dataset.images.append(ImageRecord(relpath, label, split_of(relpath, val_split, test_split), size, nbytes))
-        dataset._set_aside_identical_files()
+                labels = c.labels if source.multi_label else ()
+                dataset.images.append(ImageRecord(c.relpath, primary, c.split, size, nbytes, labels, c.group))
         dataset._refuse_empty_classes()
+        dataset._give_splits()
+        dataset._set_aside_identical_files()
         return dataset
 
     @classmethod
-    def of_model(cls, root, metadata: dict, model_path) -> ImageDataset:
-        """The dataset at ``root`` split as the model ``metadata`` says; refused if its classes differ."""
-        dataset = cls.scan(root, metadata["val_split"], metadata["test_split"])
+    def of_model(cls, root, metadata: dict, model_path, labels=None) -> ImageDataset:
+        """The dataset at ``root`` labelled and split as the model ``metadata`` says; refused if its classes
+        differ, or if the model's labels file changed (unless the file gives its own split)."""
+        record = metadata.get("labels_file") if isinstance(metadata.get("labels_file"), dict) else None
+        if record and labels is None:
+            labels = Path(root) / str(record.get("name"))
+            if not labels.is_file():
+                raise UsageError(
+                    f"{model_path} was trained with the labels file {printable(str(record.get('name')))}, "
+                    f"which is not in {root}: give --labels FILE"
+                )
+        dataset = cls.scan(root, Layout.of_metadata(metadata, labels))
         if dataset.class_names != metadata["class_names"]:
             raise DataError(
                 f"the classes of {dataset.root} ({', '.join(map(printable, dataset.class_names))}) differ from "
                 f"those the model {model_path} was trained on ({', '.join(metadata['class_names'])}): "
                 "use the dataset the model was trained on"
             )
+        if record and dataset.labels_file.sha256 != record.get("sha256"):
+            if not dataset.labels_file.has_split:
+                raise DataError(
+                    f"the labels file {labels} changed since {model_path} was trained with it (its SHA-256 differs), "
+                    "so its splits would too: use the file the model was trained with, or train again"
+                )
+            log.warning(f"the labels file {labels} changed since {model_path} was trained with it: following its split column")
         return dataset
+
+    def _give_splits(self) -> None:
+        """Each image's split: a labels file's own, else stratified by class over units (images or groups)."""
+        if self.layout.group_by is not None:
+            pattern = re.compile(self.layout.group_by)
+            for r in self.images:
+                r.group = splits.group_of(r.relpath, pattern)
+            if self.images and all(r.group is None for r in self.images):
+                raise UsageError(
+                    f"--group_by {self.layout.group_by!r} matches none of the {len(self.images)} image paths in {self.root} "
+                    f"(e.g. {printable(self.images[0].relpath)!r}): the pattern is searched in the path inside the dataset"
+                )
+        free = [r for r in self.images if r.split is None]
+        for r, split in zip(free, splits.assign([r.group or r.relpath for r in free], [r.label for r in free], self.layout)):
+            r.split = split
 
     def _set_aside_identical_files(self) -> None:
         """Link byte-identical files; set aside those whose group already has an earlier split."""
@@ -204,8 +183,10 @@ class ImageDataset:
         self.images = [r for r in self.images if r.relpath not in gone]
 
     def _refuse_empty_classes(self) -> None:
-        per_class = Counter(r.label for r in self.images)
+        per_class = Counter(label for r in self.images for label in r.all_labels)
         empty = [printable(n) for i, n in enumerate(self.class_names) if per_class[i] == 0]
+        if empty and self.labels_file is not None:
+            raise DataError(f"no readable image is labelled {', '.join(empty)} in {self.labels_file.path}: check its rows")
         if empty:
             raise DataError(
                 f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in {self.root} "
@@ -223,12 +204,21 @@ class ImageDataset:
         """Refuse a dataset too small to train on, say what it holds (and warn about imbalance,
         unless the loss is weighted); the training size: ``image_size``, else the automatic one."""
         counts = self.counts()
+        if (counts["val"] == 0 or counts["train"] == 0) and self.labels_file and self.labels_file.has_split:
+            raise DataError(f"{self.labels_file.path} gives no image to the train or the val split: mark some rows so")
         if counts["val"] == 0 or counts["train"] == 0:
             raise DataError(
                 f"{self.root} has {len(self.images)} images, too few for a train and a validation "
                 "split: add images or raise --val_split"
             )
+        untrained = [printable(n) for n, count in self.per_class_counts()["train"].items() if count == 0]
+        if untrained:
+            raise UsageError(
+                f"no training image is labelled {', '.join(untrained[:5])} in {self.root}: a class the model never sees "
+                "cannot be learnt (add images of it, or move some to the train split)"
+            )
         log.info(self.describe())
+        self._log_groups()
         if (ratio := self.imbalance()) > 3 and warn_imbalance:
             log.warning(
                 f"the largest class has {ratio:.1f} times the training images of the smallest: consider "
@@ -256,8 +246,17 @@ class ImageDataset:
             x, errors = load_cached(Path(cache_dir), self.root, [(r.relpath, r.label) for r in records], image_size)
         self.skipped += [(r.relpath, error) for r, error in zip(records, errors) if error is not None]
         kept = [r for r, error in zip(records, errors) if error is None]
-        y = np.array([r.label for r in kept], dtype=np.int32)
-        return Split(x, y, Fingerprints.of([r.relpath for r in kept], y, x))
+        primary = np.array([r.label for r in kept], dtype=np.int32)
+        return Split(
+            x, self.targets(kept) if self.multi_label else primary, Fingerprints.of([r.relpath for r in kept], primary, x)
+        )
+
+    def targets(self, records: list[ImageRecord]) -> np.ndarray:
+        """Multi-label targets: one row of 0s and 1s per image, ``[N, classes]`` float32."""
+        y = np.zeros((len(records), len(self.class_names)), np.float32)
+        for row, r in enumerate(records):
+            y[row, list(r.all_labels)] = 1
+        return y
 
     # ------------------------------------------------------------------ 3. the copy rule
 
@@ -300,7 +299,15 @@ class ImageDataset:
                 "test images that are near copies of training images cannot be set aside"
             )
             training = Fingerprints.none()
-        test = self.hold_out_copies(training, self.decode(self.split("test"), image_size, cache_dir))
+        trained = set(training.files)
+        records = [r for r in self.split("test") if r.relpath not in trained]
+        self.trained_on = len(self.split("test")) - len(records)
+        if self.trained_on:
+            log.warning(
+                f"{self.trained_on} test images of {self.root} were training or validation images of this model "
+                "(images or labels were added, removed or renamed since): they are not scored"
+            )
+        test = self.hold_out_copies(training, self.decode(records, image_size, cache_dir))
         if len(test) == 0:
             raise DataError(
                 f"the test split of {self.root} holds no readable images: add images or retrain with a larger --test_split"
@@ -309,10 +316,32 @@ class ImageDataset:
 
     # ------------------------------------------------------------------ 4. what was found
 
+    def per_class_counts(self) -> dict[str, dict[str, int]]:
+        """Images of each class in each split (a multi-label image counts for each of its labels)."""
+        counts = {s: dict.fromkeys(self.class_names, 0) for s in SPLITS}
+        for r in self.images:
+            for label in r.all_labels:
+                counts[r.split][self.class_names[label]] += 1
+        return counts
+
     def imbalance(self) -> float:
         """The largest class over the smallest, in the training split."""
-        per_class = np.bincount([r.label for r in self.split("train")], minlength=len(self.class_names))
-        return float(per_class.max() / max(1, per_class.min()))
+        per_class = list(self.per_class_counts()["train"].values())
+        return float(max(per_class) / max(1, min(per_class)))
+
+    def groups(self) -> dict | None:
+        """Groups per split, and those holding more than a tenth of a split; None without groups."""
+        if self.layout.group_by is None and not (self.labels_file and self.labels_file.has_group):
+            return None
+        units = [r.group or r.relpath for r in self.images]
+        per_split = {s: len({u for u, r in zip(units, self.images) if r.split == s}) for s in SPLITS}
+        large = splits.large_groups(units, [r.split for r in self.images])
+        return {
+            "by": self.layout.group_by or "the labels file's group column",
+            "per_split": per_split,
+            "ungrouped_images": sum(r.group is None for r in self.images),
+            "large": [{"group": printable(g), "split": s, "share": round(share, 3)} for g, s, share in large],
+        }
 
     def summary(self) -> dict:
         """What the results and the report carry about the dataset: counts, imbalance, copies, skipped files."""
@@ -320,17 +349,39 @@ class ImageDataset:
             "dataset_path": str(self.root),
             "class_names": self.class_names,
             "images": self.counts(),
+            "class_counts": self.per_class_counts(),
             "imbalance": round(self.imbalance(), 2),
             "duplicates": self.copies.report(self.class_names),
             "skipped": [{"file": printable(p), "reason": why} for p, why in self.skipped],
+            "labels_rows_skipped": self.labels_file.skipped.as_dict() if self.labels_file else None,
+            "groups": self.groups(),
+            "multi_label": self.multi_label,
+            "trained_on_not_scored": self.trained_on,
         }
 
     def describe(self) -> str:
         counts = self.counts()
-        return (
-            f"Dataset {self.root}: {len(self.class_names)} classes, {len(self.images)} images "
-            f"(train {counts['train']}, validation {counts['val']}, test {counts['test']}, held out)"
+        shares = "; ".join(
+            f"{split} " + ", ".join(f"{printable(n)} {c}" for n, c in list(per.items())[:12]) + (", ..." if len(per) > 12 else "")
+            for split, per in self.per_class_counts().items()
         )
+        source = f" labelled by {self.labels_file.path.name}" if self.labels_file else ""
+        return (
+            f"Dataset {self.root}{source}: {len(self.class_names)} classes, {len(self.images)} images "
+            f"(train {counts['train']}, validation {counts['val']}, test {counts['test']}, held out)"
+            f"{', multi-label' if self.multi_label else ''}; per class: {shares}"
+        )
+
+    def _log_groups(self) -> None:
+        if (found := self.groups()) is None:
+            return
+        per = found["per_split"]
+        log.info(f"Groups ({found['by']}): train {per['train']}, validation {per['val']}, test {per['test']}")
+        for big in found["large"][:3]:
+            log.warning(
+                f"the group {big['group']!r} holds {big['share']:.0%} of the {big['split']} split: its figures "
+                "depend on that one group (more, smaller groups give steadier ones)"
+            )
 
     def skipped_summary(self, limit: int = 3) -> str:
         """e.g. '2 unreadable files skipped (cats/a.jpg: truncated file; ...)', or ''."""
@@ -355,76 +406,24 @@ class ImageDataset:
             log.warning(f"the same picture is filed under different classes: {', '.join(group)}; keep one")
 
 
-def _inside(path: Path, root: Path) -> bool:
-    """Does ``path``, its links resolved, lie inside ``root`` (links resolved too)?"""
-    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
-
-
-def _class_folders(root: Path) -> list[str]:
-    """The class folders of ``root``, sorted; links that lead outside it are not followed."""
-    if not root.exists():
-        raise DataError(f"dataset folder {root} does not exist: give --dataset_path a folder with one sub-folder per class")
-    if not root.is_dir():
-        raise DataError(
-            f"dataset path {root} is a file, not a folder: give --dataset_path a folder with one sub-folder per class"
-        )
-    try:
-        folders = sorted((e.name, e.is_symlink()) for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    except PermissionError:
-        raise DataError(f"cannot read the dataset folder {root}: permission denied") from None
-    outside = [name for name, link in folders if link and not _inside(root / name, root)]
-    if outside:
-        log.warning(
-            f"not following {len(outside)} class folder link(s) that lead outside {root}: {', '.join(map(printable, outside))}"
-        )
-    class_names = [name for name, _ in folders if name not in outside]
-    for name in class_names:
-        check_class_name(name, root)
-    if len(class_names) < 2:
-        found = f"only {printable(class_names[0])!r}" if class_names else "none"
-        raise DataError(f"dataset folder {root} needs at least two class sub-folders (found {found})")
-    return class_names
-
-
 def load_data(
-    path, image_size: int | None = None, val_split: float = TrainConfig.val_split, test_split: float = TrainConfig.test_split
+    path, image_size: int | None = None, val_split: float = Layout.val_split, test_split: float = Layout.test_split, **layout
 ):
-    """Load a folder-of-class-folders dataset like ``keras.datasets.mnist.load_data()``.
+    """Load a dataset like ``keras.datasets.mnist.load_data()``.
 
     Returns ``(x_train, y_train), (x_test, y_test)``: uint8 image arrays of shape
-    ``(N, image_size, image_size, 3)`` and uint8 label arrays of shape ``(N,)``. The
-    training part holds the train and validation splits; the test part is the same
-    test split that ``--mode test`` uses, copies of training images set aside as there
-    (see ``duplicates.py``). ``image_size`` defaults to the automatic size.
+    ``(N, image_size, image_size, 3)`` and uint8 label arrays of shape ``(N,)`` (multi-label:
+    ``(N, classes)`` of 0s and 1s). The training part holds the train and validation splits;
+    the test part is the same test split that ``--mode test`` uses, copies of training
+    images set aside as there (see ``duplicates.py``). ``image_size`` defaults to the
+    automatic size; ``layout``: ``labels``, ``multi_label``, ``group_by`` as the flags of
+    the same names (``splits.Layout``).
     """
-    check_splits(val_split, test_split)
-    dataset = ImageDataset.scan(path, val_split, test_split)
+    dataset = ImageDataset.scan(path, Layout(val_split, test_split, **layout))
     size = image_size or dataset.auto_image_size()
     train = dataset.decode(dataset.split("train"), size)
     val = dataset.hold_out_copies(train.fingerprints, dataset.decode(dataset.split("val"), size))
     test = dataset.hold_out_copies(train.fingerprints + val.fingerprints, dataset.decode(dataset.split("test"), size))
-    label_dtype = np.uint8 if len(dataset.class_names) <= 256 else np.int32
+    label_dtype = np.uint8 if len(dataset.class_names) <= 256 or dataset.multi_label else np.int32
     x_train, y_train = np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y])
     return (x_train, y_train.astype(label_dtype)), (test.x, test.y.astype(label_dtype))
-
-
-def ensure_digits_dataset(root: Path) -> Path:
-    """Write scikit-learn's 1,797 handwritten digits as PNG class folders, once.
-
-    The 8x8 originals (grey levels 0-16) are scaled to 32x32 pixels. The folder is
-    written beside ``root`` and renamed into place, so it is complete or absent.
-    """
-    root = Path(root)
-    if root.is_dir():
-        return root
-    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
-
-    digits = load_digits()
-    ensure_writable_dir(root.parent, "datasets")
-    with atomic_dir(root, replace=False) as tmp:  # another run may write it first: keep theirs
-        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-            folder = tmp / str(label)
-            folder.mkdir(exist_ok=True)
-            grey = Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8))  # 2-D uint8: mode "L"
-            grey.resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"digit_{i:04d}.png")
-    return root

@@ -33,10 +33,12 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .errors import printable
 
 # The thresholds were chosen with bench/duplicates_bench.py on real photos (the rates they
 # catch and miss: bench/README.md, "Finding copies"): re-encoded, half-size and mirrored
@@ -279,3 +281,33 @@ class Fingerprints:
         hashes = np.array([(int(h[:16], 16), int(h[16:], 16)) for h in d["phash"]], dtype=np.uint64).reshape(-1, 2)
         thumbnails = np.frombuffer(base64.b64decode(d["thumbnails"]), dtype=np.uint8).reshape(len(hashes), -1)
         return cls(list(d["files"]), np.array(d["labels"], dtype=np.int64), hashes, thumbnails)
+
+
+@dataclass
+class Copies:
+    """The copies found in a dataset (see ``duplicates.py``): links between files, and what was set aside."""
+
+    links: list[tuple[str, str]] = field(default_factory=list)  # (relpath, relpath) of two copies
+    labels: dict[str, int] = field(default_factory=dict)  # the class of every linked file
+    set_aside: list[tuple[str, str]] = field(default_factory=list)  # (relpath, the copy that kept its split)
+
+    def link(self, a: str, label_a: int, b: str, label_b: int) -> None:
+        self.links.append((a, b))
+        self.labels[a], self.labels[b] = label_a, label_b
+
+    def groups(self) -> list[list[str]]:
+        names = sorted(self.labels)
+        index = {name: i for i, name in enumerate(names)}
+        pairs = [(index[a], index[b]) for a, b in self.links]
+        return [sorted(names[i] for i in g) for g in groups(len(names), pairs)]
+
+    def report(self, class_names: list[str]) -> dict:
+        """For the outputs: how many groups and images, what was set aside, and mislabelled groups."""
+        found = self.groups()
+        mixed = [g for g in found if len({self.labels[f] for f in g}) > 1]
+        return {
+            "groups": len(found),
+            "images": sum(map(len, found)),
+            "set_aside": [{"file": printable(f), "copy_of": printable(kept)} for f, kept in self.set_aside],
+            "mixed_labels": [[f"{printable(f)} ({class_names[self.labels[f]]})" for f in g] for g in mixed],
+        }

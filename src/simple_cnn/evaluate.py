@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from . import explain, interrupts, metrics, plots, report
+from . import explain, interrupts, metrics, multilabel, plots, report
 from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, auto_batch_size
 from .dataset import ImageDataset, Split
 from .errors import printable
-from .files import atomic_output, csv_cell, ensure_writable_dir, write_json
+from .files import ensure_writable_dir, write_csv, write_json
 from .formats import load_model, read_fingerprints, read_metadata
 from .model import view_probabilities
 from .pipeline import make_tf_dataset
-from .results import TestResult
+from .results import MultiLabelTestResult, TestResult
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,8 @@ def evaluate(
     batch_size: int | None = None,
     cache_dir=None,
     min_confidence: float = ClassifyConfig.min_confidence,
-) -> TestResult:
+    labels=None,
+) -> TestResult | MultiLabelTestResult:
     """Evaluate ``model_path`` on the test split of ``dataset_path``.
 
     The split is recomputed from the settings stored in the model file, so it is the
@@ -40,7 +39,8 @@ def evaluate(
     ``mistakes.csv``, ``metrics.json`` and ``report.html`` to ``images_dir`` and returns
     the metrics. ``cache_dir``: as in ``ImageDataset.decode``. ``min_confidence``: also
     report the share of test images answered at that confidence and the accuracy on
-    them (classify answers "unknown" below it).
+    them (classify answers "unknown" below it). ``labels``: the labels file, when the model
+    was trained with one that is not in ``dataset_path`` under its own name.
     """
     from .callbacks import SafePoints
 
@@ -48,14 +48,50 @@ def evaluate(
     metadata = read_metadata(model_path)
     images_dir = ensure_writable_dir(Path(images_dir), "images")
     cache_dir = cache_folder(cache_dir) if cache_dir is not None else None  # refused before any work
-    dataset = ImageDataset.of_model(dataset_path, metadata, model_path)
+    dataset = ImageDataset.of_model(dataset_path, metadata, model_path, labels)
     test = dataset.test_split(metadata["image_size"], read_fingerprints(model_path), cache_dir)
     with interrupts.deferred():  # TensorFlow works: a signal waits for a safe point
         model, _ = load_model(model_path)
         batches = make_tf_dataset(test.x, test.y, batch_size or auto_batch_size(metadata["image_size"]))
         views = view_probabilities(model, batches, callbacks=[SafePoints()])
+    if dataset.multi_label:
+        return score_and_write_multi_label(images_dir, metadata, views.mean(axis=1), test, str(model_path), dataset.summary())
     result = score(views, test.y, metadata, min_confidence, str(model_path), dataset.summary())
     result.images_written = write_outputs(images_dir, metadata, result, model, test, views.mean(axis=1))
+    return result
+
+
+def score_and_write_multi_label(images_dir: Path, metadata: dict, probabilities, test: Split, model_path: str, summary: dict):
+    """Test mode for a multi-label model (``multilabel.py``): its metrics, example images, the
+    images whose labels it got wrong (``mistakes.csv``), ``metrics.json`` and the report page.
+    Calibration and the confusion matrix are single-label measures and are not drawn."""
+    names, thresholds = metadata["class_names"], multilabel.thresholds_of(metadata)
+    scored = multilabel.score(probabilities, test.y, thresholds, names)
+    result = MultiLabelTestResult(**summary, model_file_path=model_path, test_images=len(test), **scored)
+    given = multilabel.decide(probabilities, thresholds)
+    wrong = np.flatnonzero((given != test.y.astype(bool)).any(axis=1))
+    wrong = wrong[np.argsort(-np.abs(probabilities[wrong] - test.y[wrong]).sum(axis=1), kind="stable")]
+    examples = plots.sample_grid(
+        test.x,
+        lambda i: f"true: {multilabel.names_of(test.y[i], names)}\nsaid: {multilabel.names_of(given[i], names)}",
+        images_dir / "examples_test_images.png",
+        "Test images",
+        seed=0,
+    )
+    rows = [
+        [printable(test.files[i]), multilabel.names_of(test.y[i], names), multilabel.names_of(given[i], names)]
+        + [f"{p:.4f}" for p in probabilities[i]]
+        for i in wrong
+    ]
+    written = [examples, write_csv(images_dir / "mistakes.csv", ["file", "true_labels", "predicted_labels", *names], rows)]
+    write_json(images_dir / "metrics.json", result.as_dict())
+    written.append(images_dir / "metrics.json")
+    curves = images_dir / "training_curves.png"
+    if not curves.is_file() and (history := (metadata.get("training") or {}).get("history")):
+        plots.training_curves(history, curves)
+    figures = {"Test examples": examples}
+    written.append(report.write_report(images_dir, metadata, curves, figures, result.as_dict(), skipped=result.skipped))
+    result.images_written = [str(p) for p in written]
     return result
 
 
@@ -173,14 +209,10 @@ def score(views: np.ndarray, y: np.ndarray, metadata: dict, min_confidence: floa
 
 def write_mistakes(path: Path, worst: np.ndarray, files: list[str], probabilities: np.ndarray, y: np.ndarray, names) -> Path:
     """Every misclassified test image, the worst (highest loss) first, as CSV."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["file", "true_class", "predicted_class", "probability_predicted", "probability_true", "loss"])
+    rows = []
     for i in worst:
         p, guess = probabilities[i], int(probabilities[i].argmax())
         loss = -np.log(max(float(p[y[i]]), 1e-12))
-        row = [printable(files[i]), names[y[i]], names[guess], f"{p[guess]:.4f}", f"{p[y[i]]:.4f}", f"{loss:.4f}"]
-        writer.writerow([csv_cell(c) for c in row])
-    with atomic_output(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-    return path
+        rows.append([printable(files[i]), names[y[i]], names[guess], f"{p[guess]:.4f}", f"{p[y[i]]:.4f}", f"{loss:.4f}"])
+    header = ["file", "true_class", "predicted_class", "probability_predicted", "probability_true", "loss"]
+    return write_csv(path, header, rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats
+from . import formats, multilabel
 from .dataset import ImageDataset
 from .errors import DataError
 from .results import ExportResult
@@ -26,11 +26,11 @@ CALIBRATION_IMAGES = 300  # training images that calibrate int8 activations
 WRITERS = {"tflite": formats.write_tflite, "savedmodel": formats.write_savedmodel, "onnx": formats.write_onnx}
 
 
-def export(model_path, fmt: str, quantize: str | None = None, dataset_path=None) -> ExportResult:
+def export(model_path, fmt: str, quantize: str | None = None, dataset_path=None, labels=None) -> ExportResult:
     """Export the model at ``model_path`` to ``fmt`` (tflite, savedmodel or onnx), beside it.
 
     ``quantize`` (tflite only): see :func:`export_quantized`; ``dataset_path`` defaults
-    to the dataset recorded in the model file.
+    to the dataset recorded in the model file, ``labels`` to its labels file there.
     """
     if fmt not in WRITERS:
         raise DataError(f"unknown export format {fmt}: choose one of {', '.join(WRITERS)}")
@@ -38,7 +38,7 @@ def export(model_path, fmt: str, quantize: str | None = None, dataset_path=None)
     if quantize:
         if fmt != "tflite" or quantize not in formats.QUANTIZATIONS:
             raise DataError(f"--quantize takes {' or '.join(formats.QUANTIZATIONS)}, with --format tflite")
-        return export_quantized(model, metadata, Path(model_path), quantize, dataset_path)
+        return export_quantized(model, metadata, Path(model_path), quantize, dataset_path, labels)
     if fmt == "tflite":  # bind the model file to its new LiteRT copy (see formats.write_tflite)
         embedded = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
         path, digest = formats.write_tflite(model, model_path, embedded)
@@ -47,17 +47,18 @@ def export(model_path, fmt: str, quantize: str | None = None, dataset_path=None)
     else:
         files = [str(WRITERS[fmt](model, model_path, metadata))]
     if fmt != "savedmodel":
-        files.append(str(formats.write_labels(model_path, metadata["class_names"])))
+        files += [str(p) for p in formats.write_labels(model_path, metadata)]
     return ExportResult(format=fmt, model_file_path=str(model_path), written=files)
 
 
-def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dataset_path=None) -> ExportResult:
+def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dataset_path=None, labels=None) -> ExportResult:
     """Write ``MODEL.<quantize>.tflite`` and measure it against the float32 model on the test split.
 
     The test split (and, for int8, the calibration images from the train split) come
     from the dataset the model was trained on: the one recorded in the model file, or
     ``dataset_path``. Measured: file size, test accuracy, one image's latency and
-    images per second on LiteRT, for the float32 and the quantized model alike.
+    images per second on LiteRT, for the float32 and the quantized model alike (for a
+    multi-label model, the accuracy is the subset accuracy at its thresholds).
     """
     root = Path(dataset_path or metadata.get("dataset_path") or "")
     if not root.is_dir():
@@ -67,7 +68,7 @@ def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dat
         )
     if not dataset_path:
         log.info(f"Measuring on {root}, the dataset recorded in {model_path} (--dataset_path chooses another)")
-    dataset = ImageDataset.of_model(root, metadata, model_path)
+    dataset = ImageDataset.of_model(root, metadata, model_path, labels)
     size = metadata["image_size"]
     calibration = None
     if quantize == "int8":
@@ -80,15 +81,17 @@ def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dat
     x, y = test.x, test.y
     # The float32 LiteRT model: the copy training wrote, if it is the verified one; else converted in memory.
     reference = verified_litert_copy(model_path, metadata) or formats.litert_bytes(model, metadata)
-    measured = {"float32": measure(LiteRT(reference), len(reference), x, y)}
-    measured[quantize] = measure(LiteRT(path.read_bytes()), path.stat().st_size, x, y)
-    files = [str(path), str(formats.write_labels(model_path, metadata["class_names"]))]
+    thresholds = multilabel.thresholds_of(metadata)
+    measured = {"float32": measure(LiteRT(reference), len(reference), x, y, thresholds)}
+    measured[quantize] = measure(LiteRT(path.read_bytes()), path.stat().st_size, x, y, thresholds)
+    files = [str(path), *(str(p) for p in formats.write_labels(model_path, metadata))]
     return ExportResult(format="tflite", model_file_path=str(model_path), written=files, quantization=measured)
 
 
-def measure(litert, size_bytes: int, x: np.ndarray, y: np.ndarray, repeats: int = 50) -> dict:
-    """Size, test accuracy, one image's median latency and batched images/s of a LiteRT model."""
-    predicted = np.concatenate([litert(x[i : i + 64]).argmax(axis=1) for i in range(0, len(x), 64)])
+def measure(litert, size_bytes: int, x: np.ndarray, y: np.ndarray, thresholds=None, repeats: int = 50) -> dict:
+    """Size, test accuracy, one image's median latency and batched images/s of a LiteRT model
+    (``thresholds``: a multi-label model's, see ``multilabel.right``)."""
+    correct = np.concatenate([multilabel.right(litert(x[i : i + 64]), y[i : i + 64], thresholds) for i in range(0, len(x), 64)])
     litert(x[:1])  # sized for one image
     latencies = []
     for i in range(repeats):
@@ -101,7 +104,7 @@ def measure(litert, size_bytes: int, x: np.ndarray, y: np.ndarray, repeats: int 
     seconds = time.perf_counter() - start
     return {
         "size_bytes": int(size_bytes),
-        "test_accuracy": float((predicted == y).mean()),
+        "test_accuracy": float(correct.mean()),
         "test_images": int(len(y)),
         "latency_ms": round(1000 * float(np.median(latencies)), 3),
         "images_per_second": round(len(x) / seconds, 1),

@@ -13,6 +13,8 @@ socket without blocking, so a file named like an image or a model can never hang
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import secrets
@@ -154,3 +156,15 @@ def csv_cell(text: str) -> str:
     carriage return) would be run as a formula, so it gets a leading apostrophe (OWASP's
     advice against CSV injection)."""
     return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    """``rows`` under ``header`` as CSV, every cell safe for a spreadsheet, written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([csv_cell(c) for c in row])
+    with atomic_output(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    return path

@@ -331,11 +331,22 @@ def read_tflite_metadata(path) -> dict | None:
     return None
 
 
-def write_labels(model_path, class_names) -> Path:
+def write_labels(model_path, metadata: dict) -> list[Path]:
+    """The class names beside an export, one per line; for a multi-label model also
+    ``MODEL.thresholds.json``, each class's threshold (an export outputs one sigmoid
+    probability per class, and a label is given at or above its threshold)."""
     path = labels_path(model_path)
     with atomic_output(path) as tmp:
-        tmp.write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
-    return path
+        tmp.write_text("".join(f"{name}\n" for name in metadata["class_names"]), encoding="utf-8")
+    if not metadata.get("multi_label"):
+        return [path]
+    from .multilabel import thresholds_of
+
+    thresholds = Path(model_path).with_suffix(".thresholds.json")
+    content = {"multi_label": True, "class_names": metadata["class_names"], "thresholds": thresholds_of(metadata).tolist()}
+    with atomic_output(thresholds) as tmp:
+        tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [path, thresholds]
 
 
 def _declared_pixels(tf, data):

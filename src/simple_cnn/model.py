@@ -16,7 +16,7 @@ from .quiet import import_keras
 HEAD_FILTERS = 512
 
 
-def build_model(num_classes: int, image_size: int, augment: bool = True, dropout: float = 0.25):
+def build_model(num_classes: int, image_size: int, augment: bool = True, dropout: float = 0.25, multi_label: bool = False):
     """A small Xception-style CNN: accuracy per CPU-second over depth.
 
     The shape follows keras.io's "Image classification from scratch": a strided stem,
@@ -28,6 +28,8 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
 
     With ``augment``, which flips images left-right in training, the network also averages
     its prediction over each image and its mirror at inference (``layers.py``).
+
+    ``multi_label``: one sigmoid per class (several labels per image) instead of the softmax.
 
     Batch norm uses momentum 0.9, not Keras' 0.99: small datasets give few steps per
     epoch, and with 0.99 the moving statistics used at inference lag so far behind the
@@ -63,7 +65,8 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
     x = layers.Activation("relu", name="head_relu")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    activation = "sigmoid" if multi_label else "softmax"
+    outputs = layers.Dense(num_classes, activation=activation, dtype="float32", name="probabilities")(x)
     if augment:
         outputs = MirrorMean(dtype="float32", name="mirror_mean")(outputs)
     return keras.Model(inputs, outputs, name="simple_cnn")

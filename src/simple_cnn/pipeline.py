@@ -34,11 +34,12 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool
         ds.release_arrays = lambda: None  # the TensorFlow copy goes with the dataset
         return ds
     source = {"x": x, "y": y}
+    y_type = tf.as_dtype(y.dtype)
 
     def gather(idx):
-        xb, yb = tf.numpy_function(lambda i: (source["x"][i], source["y"][i]), [idx], (tf.uint8, tf.int32), stateful=False)
+        xb, yb = tf.numpy_function(lambda i: (source["x"][i], source["y"][i]), [idx], (tf.uint8, y_type), stateful=False)
         xb.set_shape((None, *x.shape[1:]))
-        yb.set_shape((None,))
+        yb.set_shape((None, *y.shape[1:]))  # class indices, or multi-label rows
         return tf.cast(xb, tf.float32), yb
 
     # Fixed parallelism and no tf.data.AUTOTUNE, which starts a tuning thread that sleeps

@@ -171,6 +171,8 @@ def summary_line(metadata: dict) -> str:
 
 def headline(test: dict | None, metadata: dict) -> str:
     training = _section(metadata, "training")
+    if test is not None and test.get("multi_label"):
+        return multi_label_headline(test)
     if test is None:
         best = number(training.get("best_val_accuracy"), ".3f")
         return (
@@ -197,6 +199,55 @@ def headline(test: dict | None, metadata: dict) -> str:
     )
     seen = f'<p class="muted">on {test["test_images"]} test images, which training never saw.</p>'
     return f'<div class="headline">{cards}</div>{seen}'
+
+
+def multi_label_headline(test: dict) -> str:
+    items = [
+        ("mean average precision", f'<span id="map">{test["mean_average_precision"]:.3f}</span>', "area under each PR curve"),
+        ("each label at its frequency", f"{test['chance_mean_average_precision']:.3f}", "the baseline's mAP"),
+        ("micro-F1", f"{test['micro_f1']:.3f}", "at the chosen thresholds"),
+        ("macro-F1", f"{test['macro_f1']:.3f}", ""),
+        ("subset accuracy", f"{test['subset_accuracy']:.3f}", "every label right"),
+        ("Hamming loss", f"{test['hamming_loss']:.3f}", "wrong label decisions"),
+    ]
+    cards = "".join(
+        f'<div class="metric"><span class="what">{w}</span><b>{v}</b><span class="what">{n}</span></div>' for w, v, n in items
+    )
+    seen = f'<p class="muted">on {test["test_images"]} test images (several labels each), which training never saw.</p>'
+    return f'<div class="headline">{cards}</div>{seen}'
+
+
+def multi_label_table(test: dict) -> str:
+    rows = []
+    for name, r in test["per_class"].items():
+        ap = number(r["average_precision"], ".3f") if r["average_precision"] is not None else "-"
+        rows.append(
+            f'<tr><td class="name">{esc(name)}</td><td>{number(r["precision"], ".3f")}</td><td>{number(r["recall"], ".3f")}</td>'
+            f"<td>{number(r['f1'], '.3f')}</td><td>{ap}</td><td>{number(r['threshold'], '.2f')}</td>"
+            f"<td>{number(r['support'])}</td></tr>"
+        )
+    return (
+        '<h2>Per label</h2><div class="scroll"><table class="per-class"><tr><th class="name">label</th><th>precision</th>'
+        "<th>recall</th><th>F1</th><th>average precision</th><th>threshold</th><th>test images</th></tr>"
+        f"{''.join(rows)}</table></div>"
+    )
+
+
+def split_counts_table(metadata: dict) -> str:
+    """Each split's images per class, as the model's training recorded them ('' for older models)."""
+    counts = _section(metadata, "class_counts")
+    if not all(isinstance(counts.get(s), dict) for s in ("train", "val", "test")):
+        return ""
+    rows = "".join(
+        f'<tr><td class="name">{esc(name)}</td>'
+        + "".join(f"<td>{number(counts[s].get(name))}</td>" for s in ("train", "val", "test"))
+        + "</tr>"
+        for name in metadata["class_names"]
+    )
+    return (
+        '<h2>Images per class and split</h2><div class="scroll"><table class="per-class"><tr><th class="name">class</th>'
+        f"<th>train</th><th>validation</th><th>test</th></tr>{rows}</table></div>"
+    )
 
 
 def confusion_section(test: dict, evidence: Evidence) -> str:
@@ -321,7 +372,9 @@ def write_report(
     holds the training part only.
     """
     body = [headline(test, metadata), picture("Training curves", curves)]
-    if test is not None and evidence is not None:
+    if test is not None and test.get("multi_label"):
+        body.append(multi_label_table(test))
+    elif test is not None and evidence is not None:
         body += [
             confusion_section(test, evidence),
             per_class_table(test),
@@ -329,7 +382,7 @@ def write_report(
             gradcam_section(test, evidence),
         ]
     body += [picture(title, path) for title, path in figures.items()]
-    body.append(files_section(skipped or [], duplicates))
+    body += [split_counts_table(metadata), files_section(skipped or [], duplicates)]
     page = REPORT_TEMPLATE.substitute(
         policy=REPORT_POLICY,
         title=esc(metadata.get("dataset_path", "")),

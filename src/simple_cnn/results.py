@@ -15,9 +15,21 @@ import numpy as np
 UNKNOWN = "unknown"  # classify's answer below --min_confidence
 
 
-def answer(top_k: list[dict], min_confidence: float) -> str:
-    """The most likely class, or "unknown" when its probability is below ``min_confidence``."""
+def answer(top_k: list[dict], min_confidence: float, labels: list[dict] | None = None) -> str:
+    """The most likely class, or "unknown" when its probability is below ``min_confidence``;
+    multi-label (``labels``: those at or above their thresholds): the most likely of them, or "unknown"."""
+    if labels is not None:
+        return labels[0]["class"] if labels else UNKNOWN
     return top_k[0]["class"] if top_k[0]["probability"] >= min_confidence else UNKNOWN
+
+
+def prediction(top_k: list[dict], min_confidence: float, labels: list[dict] | None = None) -> dict:
+    """One image's answer as every output shows it: the class (or "unknown"), its probability,
+    the top classes, and for a multi-label model the labels given."""
+    given = labels[0]["probability"] if labels else top_k[0]["probability"]
+    return {"class": answer(top_k, min_confidence, labels), "probability": given, "top_k": top_k} | (
+        {"labels": labels} if labels is not None else {}
+    )
 
 
 def top_classes(probabilities: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
@@ -41,6 +53,17 @@ class Result:
         return []
 
 
+@dataclass(kw_only=True)
+class DatasetFacts(Result):
+    """What train and test results say about the dataset (``dataset.ImageDataset.summary``), by keyword."""
+
+    class_counts: dict | None = None  # images of each class in each split
+    labels_rows_skipped: dict | None = None  # a labels file's unusable rows: count, reasons, examples
+    groups: dict | None = None  # with --group_by or a group column: groups per split, large groups
+    multi_label: bool = False
+    trained_on_not_scored: int = 0  # test images the model had trained on (the dataset changed since)
+
+
 def _copies_lines(found: dict | None) -> list[str]:
     """e.g. 'Copies: 2 groups (5 images); 3 set aside: a.jpg (copy of b.jpg), ...'."""
     if not found or not found["groups"]:
@@ -54,7 +77,7 @@ def _copies_lines(found: dict | None) -> list[str]:
 
 
 @dataclass
-class TrainResult(Result):
+class TrainResult(DatasetFacts):
     mode: ClassVar[str] = "train"
     dataset_path: str
     class_names: list[str]
@@ -74,6 +97,8 @@ class TrainResult(Result):
     calibration: dict | None = None  # the temperature and the validation ECE before and after
     imbalance: float | None = None  # the largest class over the smallest, in the training split
     duplicates: dict | None = None  # dataset.Copies.report(): groups, images, set_aside, mixed_labels
+    thresholds: list[float] | None = None  # multi-label: each class's, chosen on the validation split
+    layout: dict = field(default_factory=dict)  # train.layout_metadata(): how labels and splits were made
     images_written: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
 
@@ -114,7 +139,7 @@ class WorkerResult(Result):
 
 
 @dataclass
-class TestResult(Result):
+class TestResult(DatasetFacts):
     mode: ClassVar[str] = "test"
     model_file_path: str
     dataset_path: str
@@ -178,6 +203,49 @@ class TestResult(Result):
 
 
 @dataclass
+class MultiLabelTestResult(DatasetFacts):
+    """Test mode for a multi-label model (``multilabel.score``)."""
+
+    mode: ClassVar[str] = "test"
+    model_file_path: str
+    dataset_path: str
+    class_names: list[str]
+    test_images: int
+    skipped: list[dict]
+    mean_average_precision: float
+    chance_mean_average_precision: float  # each label predicted at its frequency: the baseline
+    micro_f1: float
+    macro_f1: float
+    subset_accuracy: float  # every label of an image right
+    hamming_loss: float  # the share of wrong label decisions
+    per_class: dict  # precision, recall, f1, average_precision, threshold, support
+    duplicates: dict | None = None
+    images: dict[str, int] | None = None
+    imbalance: float | None = None
+    images_written: list[str] = field(default_factory=list)
+
+    def human(self) -> str:
+        rows = [f"{'label':20s} precision recall    F1    AP threshold images"]
+        for name, r in self.per_class.items():
+            ap = f"{r['average_precision']:.3f}" if r["average_precision"] is not None else "   - "
+            rows.append(
+                f"{name[:20]:20s} {r['precision']:9.3f} {r['recall']:6.3f} {r['f1']:5.3f} {ap} {r['threshold']:9.2f} "
+                f"{r['support']:6d}"
+            )
+        return "\n".join(
+            [
+                f"Test split of {self.dataset_path}: {self.test_images} images (multi-label), {len(self.skipped)} files skipped",
+                *_copies_lines(self.duplicates),
+                f"Mean average precision {self.mean_average_precision:.3f} (each label at its frequency: "
+                f"{self.chance_mean_average_precision:.3f}), micro-F1 {self.micro_f1:.3f}, macro-F1 {self.macro_f1:.3f}",
+                f"Subset accuracy {self.subset_accuracy:.3f} (every label right), Hamming loss {self.hamming_loss:.3f}",
+                *rows,
+                f"Wrote {', '.join(self.images_written)}",
+            ]
+        )
+
+
+@dataclass
 class ClassifyResult(Result):
     """One image's answer."""
 
@@ -188,25 +256,26 @@ class ClassifyResult(Result):
     top_k: list[dict]  # {"class", "probability"}, most likely first
     min_confidence: float = 0.0  # below it, the answer is "unknown"
     explanation: str | None = None  # --explain: the Grad-CAM overlay's path
+    labels: list[dict] | None = None  # multi-label: every label at or above its threshold (multilabel.labels_above)
 
     @property
     def answer(self) -> str:
-        return answer(self.top_k, self.min_confidence)
+        return answer(self.top_k, self.min_confidence, self.labels)
 
     def as_dict(self) -> dict:
-        return {
-            "mode": self.mode,
-            "image": self.image,
-            "model_file_path": self.model_file_path,
-            "runtime": self.runtime,
-            "class": self.answer,
-            "probability": self.top_k[0]["probability"],
-            "top_k": self.top_k,
-        } | ({"explanation": self.explanation} if self.explanation else {})
+        where = {"mode": self.mode, "image": self.image, "model_file_path": self.model_file_path, "runtime": self.runtime}
+        explanation = {"explanation": self.explanation} if self.explanation else {}
+        return where | prediction(self.top_k, self.min_confidence, self.labels) | explanation
 
     def human(self) -> str:
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in self.top_k)
         first = self.top_k[0]
+        if self.labels is not None:
+            given = (
+                ", ".join(f"{t['class']} {t['probability']:.3f}" for t in self.labels)
+                or "unknown (no label passes its threshold)"
+            )
+            return f"{self.image}: {given}\nTop {len(self.top_k)}: {top}"
         if self.answer == UNKNOWN:
             best = f"{first['class']}, has {first['probability']:.3f} < {self.min_confidence:g}"
             head = f"{self.image}: unknown (the most likely, {best})"
@@ -236,7 +305,8 @@ class ClassifyManyResult(Result):
         for r in self.predictions:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
             where = f"\t{r['explanation']}" if "explanation" in r else ""
-            rows.append(f"{r['image']}\t{r['class']}\t{r['probability']:.3f}\t{top}{where}")
+            given = "|".join(t["class"] for t in r["labels"]) or UNKNOWN if "labels" in r else r["class"]
+            rows.append(f"{r['image']}\t{given}\t{r['probability']:.3f}\t{top}{where}")
         return "\n".join(rows)
 
     def notes(self) -> list[str]:
@@ -245,6 +315,69 @@ class ClassifyManyResult(Result):
             f"Classified {len(self.predictions)} images ({self.images_per_second} images/s, "
             f"{self.runtime}){where}; {len(self.skipped)} skipped"
         ]
+
+
+@dataclass
+class CompareResult(Result):
+    """Compare mode: every model on the same test images, and each against the first (``compare.py``)."""
+
+    mode: ClassVar[str] = "compare"
+    dataset_path: str
+    test_images: int
+    class_names: list[str]
+    models: list[dict]  # model, accuracy, accuracy_interval, balanced_accuracy
+    pairs: list[dict]  # compare.paired(): differences, intervals, McNemar's p, the verdict
+    duplicates: dict | None = None
+    images_written: list[str] = field(default_factory=list)
+
+    def human(self) -> str:
+        lines = [f"The same {self.test_images} test images of {self.dataset_path}, which none of the models trained on:"]
+        for m in self.models:
+            low, high = m["accuracy_interval"]
+            lines.append(
+                f"  {m['model']}: accuracy {m['accuracy']:.3f} ({low:.3f}-{high:.3f}), "
+                f"balanced accuracy {m['balanced_accuracy']:.3f}"
+            )
+        for p in self.pairs:
+            low, high = p["balanced_accuracy_interval"]
+            lines += [
+                p["verdict"],
+                f"  balanced accuracy {100 * p['balanced_accuracy_difference']:+.1f} points "
+                f"({100 * low:.1f} to {100 * high:.1f}), "
+                f"p = {p['balanced_accuracy_p']:.2g}; right only by {p['a']}: {p['only_a_right']}, only by {p['b']}: "
+                f"{p['only_b_right']}",
+            ]
+        return "\n".join([*lines, f"Wrote {', '.join(self.images_written)}"])
+
+
+@dataclass
+class AuditResult(DatasetFacts):
+    """Audit mode (``audit.py``): suspected label errors, unusable images, copies under two classes."""
+
+    mode: ClassVar[str] = "audit"
+    dataset_path: str
+    class_names: list[str]
+    images: dict[str, int]
+    skipped: list[dict]
+    audited_images: int
+    image_size: int
+    folds: int
+    label_issues: list[dict]  # file, given, suggested, score, p_given, p_suggested, fold; worst first
+    image_issues: list[dict]  # file, problems
+    mixed_copies: list[list[str]]
+    minutes: float
+    duplicates: dict | None = None
+    imbalance: float | None = None
+    images_written: list[str] = field(default_factory=list)
+
+    def human(self) -> str:
+        share = len(self.label_issues) / max(1, self.audited_images)
+        return (
+            f"Audit of {self.dataset_path}: {len(self.label_issues)} suspected label errors in {self.audited_images} images "
+            f"({share:.1%}), {len(self.image_issues)} unusable images, {len(self.mixed_copies)} pictures filed under "
+            f"different classes ({self.folds} folds at {self.image_size} pixels, {self.minutes:g} min); "
+            f"wrote {', '.join(self.images_written)}"
+        )
 
 
 @dataclass

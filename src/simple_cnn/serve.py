@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import multilabel
 from .config import ClassifyConfig, ServeConfig
 from .errors import DataError
 from .images import decode_stream, pixels_to_decode
@@ -220,8 +221,9 @@ async def classify_endpoint(request):
         raise HTTPException(400, "the body is empty: send an image (raw bytes or a multipart upload)")
     probabilities = (await _predicted(request, [content]))[0]
     top = top_classes(probabilities, model.metadata["class_names"], model.classify.top_k)
+    labels = multilabel.answer_of(probabilities, model.metadata, model.classify.min_confidence)
     # The model's file name, never its path: where it lies on the server's disk is for the server's own log.
-    result = ClassifyResult(name, model.path.name, model.predictor.runtime, top, model.classify.min_confidence)
+    result = ClassifyResult(name, model.path.name, model.predictor.runtime, top, model.classify.min_confidence, labels=labels)
     return JSONResponse(result.as_dict())
 
 
@@ -256,14 +258,23 @@ async def predict_endpoint(request):
     except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         raise HTTPException(400, 'the body is not JSON: send {"instances": [{"b64": "..."}]}') from None
     images, columnar = instances_of(payload)
-    names = model.metadata["class_names"]
-    rows = [
-        {"probabilities": p.tolist(), "classes": names[int(p.argmax())], "scores": float(p.max())}
-        for p in await _predicted(request, images)
-    ]
+    rows = [predict_row(p, model) for p in await _predicted(request, images)]
     if columnar:
-        return JSONResponse({"outputs": {key: [r[key] for r in rows] for key in ("probabilities", "classes", "scores")}})
+        keys = tuple(rows[0]) if rows else ("probabilities", "classes", "scores")
+        return JSONResponse({"outputs": {key: [r[key] for r in rows] for key in keys}})
     return JSONResponse({"predictions": rows})
+
+
+def predict_row(probabilities: np.ndarray, model: ServedModel) -> dict:
+    """One instance of a :predict answer; a multi-label model adds the labels at or above their thresholds."""
+    names = model.metadata["class_names"]
+    row = {
+        "probabilities": probabilities.tolist(),
+        "classes": names[int(probabilities.argmax())],
+        "scores": float(probabilities.max()),
+    }
+    labels = multilabel.answer_of(probabilities, model.metadata, model.classify.min_confidence)
+    return row | ({"labels": labels} if labels is not None else {})
 
 
 async def healthz_endpoint(request):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, distribute, interrupts, metrics, plots, report
+from . import __version__, distribute, interrupts, metrics, multilabel, plots, report
 from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClusterConfig, TrainConfig
 from .dataset import SPLIT_SALT, ImageDataset, Split
@@ -31,6 +31,7 @@ from .pipeline import make_tf_dataset
 from .quiet import import_keras, import_tensorflow
 from .results import TrainResult, WorkerResult
 from .runstate import RunState
+from .splits import Layout
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def train(
     if config.tensorboard_dir:  # refused before any work too, not after the images are decoded
         ensure_writable_dir(Path(config.tensorboard_dir), "TensorBoard")
     with RunState(model_path, distribute.worker_suffix(config.distribute)).lock() as run:
-        dataset = ImageDataset.scan(dataset_path, config.val_split, config.test_split)  # said before TensorFlow starts
+        dataset = ImageDataset.scan(dataset_path, Layout.of_config(config))  # said before TensorFlow starts
         image_size = dataset.training_image_size(config.image_size, warn_imbalance=config.class_weight == "none")
         config = replace(config, batch_size=config.batch_for(image_size))  # recorded as used
         cluster = distribute.make_cluster(config.distribute, (cluster_config or ClusterConfig()).worker_wait)
@@ -75,14 +76,18 @@ def train(
         splits = dataset.training_splits(image_size, cache_dir, cluster.shard)
         summary = dataset.summary()  # what was found, skipped and set aside
         with interrupts.deferred():  # from here TensorFlow works: a signal waits for a safe point
-            model = build_and_compile(len(dataset.class_names), image_size, config, cluster)
+            model = build_and_compile(len(dataset.class_names), image_size, config, cluster, dataset.multi_label)
             run.start(run_identity(dataset, config, image_size), fresh, follow_chief=not cluster.is_chief)
             fitted = fit(model, *splits, summary["images"], config, cluster, run)
             if not cluster.is_chief:  # the chief writes the model, plots and metrics
                 run.finish()
                 return worker_result(cluster, splits, fitted, time.monotonic() - started)
             result = summarize(summary, splits, image_size, config, cluster, fitted, model_path)
-            result.calibration = calibrate_if_wanted(model, splits[1], config, result.config)
+            if dataset.multi_label:
+                result.thresholds = choose_thresholds(model, splits[1], config.batch_size, config.calibrate)
+            else:
+                result.calibration = calibrate_if_wanted(model, splits[1], config, result.config)
+            result.layout = layout_metadata(dataset)
         with interrupts.deferred(finishing=True):  # a signal now lets the last files be written
             save_outputs(model, result, config, fitted.history, splits, images_dir)
             run.finish()
@@ -108,6 +113,32 @@ def class_weights(y_train: np.ndarray, num_classes: int) -> dict[int, float]:
     present = np.unique(y_train)
     weights = compute_class_weight("balanced", classes=present, y=y_train)
     return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(num_classes) if c not in present}
+
+
+def choose_thresholds(model, val: Split, batch_size: int, config_calibrate: bool | None = None) -> list[float]:
+    """Multi-label: each class's threshold, the one that maximises its F1 on the validation split
+    (``multilabel.py``). A temperature is not fitted: it would not change which labels pass."""
+    from .callbacks import SafePoints
+
+    interrupts.check()
+    if config_calibrate:
+        log.warning("--calibrate fits one softmax temperature; a multi-label model's thresholds are chosen instead")
+    val_ds = make_tf_dataset(val.x, val.y, batch_size)
+    probabilities = view_probabilities(model, val_ds, callbacks=[SafePoints()]).mean(axis=1)
+    val_ds.release_arrays()
+    thresholds = multilabel.choose_thresholds(probabilities, val.y)
+    log.info(f"Thresholds chosen on the validation split (the best F1 per class): {', '.join(f'{t:.2f}' for t in thresholds)}")
+    return thresholds
+
+
+def layout_metadata(dataset: ImageDataset) -> dict:
+    """How the dataset was labelled and split, for the model file: test mode does the same again."""
+    return {
+        "layout": dataset.layout.as_metadata(),
+        "labels_file": dataset.labels_file.record() if dataset.labels_file else None,
+        "multi_label": dataset.multi_label,
+        "class_counts": dataset.per_class_counts(),
+    }
 
 
 def calibrate_if_wanted(model, val: Split, config: TrainConfig, recorded: dict) -> dict | None:
@@ -153,8 +184,8 @@ def calibrate(model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int) -> d
     return {"temperature": fitted, "fitted_temperature": fitted, "val_ece_before": before, "val_ece_after": after}
 
 
-def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cluster: distribute.Cluster):
-    """The network, with AdamW and the loss, inside the cluster's scope."""
+def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cluster: distribute.Cluster, multi_label=False):
+    """The network, with AdamW and the loss (binary cross-entropy per class when ``multi_label``), inside the cluster's scope."""
     keras = import_keras()
     if config.mixed_precision:
         if import_tensorflow().config.list_physical_devices("GPU"):
@@ -164,12 +195,13 @@ def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cl
             log.warning("--mixed_precision has no effect without a GPU; training in float32")
     keras.utils.set_random_seed(config.seed)
     with cluster.scope():
-        model = build_model(num_classes, image_size, augment=config.augment)
+        model = build_model(num_classes, image_size, augment=config.augment, multi_label=multi_label)
         model.compile(
             # the learning rate is set before every step (schedule.Schedule)
             optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
+            loss="binary_crossentropy" if multi_label else "sparse_categorical_crossentropy",
+            # multi-label: the share of right label decisions at 0.5, under the history's usual name
+            metrics=[keras.metrics.BinaryAccuracy(name="accuracy") if multi_label else "accuracy"],
         )
     cluster.prepare_model(model)
     return model
@@ -182,6 +214,7 @@ def run_identity(dataset: ImageDataset, config: TrainConfig, image_size: int) ->
     return {
         "dataset_path": str(dataset.root.resolve()),
         "class_names": dataset.class_names,
+        "labels_sha256": dataset.labels_file.sha256 if dataset.labels_file else None,
         "config": asdict(config) | {"image_size": image_size} | may_change,
     }
 
@@ -209,7 +242,11 @@ def fit(model, train: Split, val: Split, counts: dict, config: TrainConfig, clus
     from .callbacks import SafePoints
 
     global_batch, learning_rate = cluster.scale(config.batch_size, config.learning_rate)
-    weights = class_weights(train.y, model.output_shape[-1]) if config.class_weight == "auto" else None
+    weights = None
+    if config.class_weight == "auto" and train.y.ndim == 2:
+        log.warning("--class_weight auto weighs single-label classes; a multi-label model is trained unweighted")
+    elif config.class_weight == "auto":
+        weights = class_weights(train.y, model.output_shape[-1])
     plan, callbacks = training_callbacks(config, cluster, run, learning_rate)
     log.info(
         f"Training at {train.x.shape[1]}x{train.x.shape[2]} pixels, batch size {config.batch_size}, "
@@ -299,6 +336,8 @@ def model_metadata(result: TrainResult, config: TrainConfig, history: dict) -> d
         "simple_cnn_version": __version__,
         "keras_version": import_keras().__version__,
         "calibration": result.calibration or {},
+        **result.layout,
+        "thresholds": result.thresholds,
         "images": result.images_used | {"test": result.images["test"]},
         "training": {
             "epochs_run": result.epochs_run,
@@ -324,7 +363,11 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
     curves = plots.training_curves(history, images_dir / "training_curves.png")
     names = result.class_names
     examples = plots.sample_grid(
-        train_split.x, lambda i: names[train_split.y[i]], images_dir / "examples_train_images.png", "Training images", config.seed
+        train_split.x,
+        lambda i: multilabel.label_text(train_split.y[i], names),
+        images_dir / "examples_train_images.png",
+        "Training images",
+        config.seed,
     )
     train_split.x = val_split.x = None
     ensure_free_space(Path(result.model_file_path).parent, state_bytes(model), "the model and its LiteRT copy")

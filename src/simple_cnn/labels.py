@@ -1,0 +1,226 @@
+"""A labels file: one row per image, its path inside the dataset and its label(s).
+
+The layout Kaggle and most published datasets use beside class folders::
+
+    path,label,split,group
+    train/0001.jpg,cat,train,owner-17
+    train/0002.jpg,cat|dog,,owner-17
+
+The path column is the first of :data:`PATH_COLUMNS` the header names (else the first
+column), the label column the first of :data:`LABEL_COLUMNS` (else the second). An
+optional ``split`` column (``train``, ``val`` or ``test``) is followed as given; an
+optional ``group`` column keeps images together in one split (``splits.py``). Several
+labels per image: a ``|``-separated cell, or, with ``--multi_label``, several rows for
+one path. The file is read with Python's ``csv`` module (quoted fields, commas inside
+quotes, Windows line ends), a byte-order mark is dropped, and rows that cannot be used are
+skipped and counted with their reasons, like unreadable images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError, UsageError, printable
+from .files import read_regular
+
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath")
+LABEL_COLUMNS = ("label", "labels", "class", "classes", "tags", "category")
+LABEL_SEPARATOR = "|"
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+MAX_LABELS_BYTES = 1 << 30  # a million rows of long paths is about 100 MB
+EXAMPLES_KEPT = 20  # skipped rows listed by name; the rest are counted by reason
+
+
+@dataclass
+class LabelRow:
+    relpath: str
+    labels: tuple[str, ...]
+    split: str | None = None  # from the split column, as given
+    group: str | None = None  # from the group column
+
+
+@dataclass
+class SkippedRows:
+    """Rows that could not be used: counted by reason, the first few kept with their line numbers."""
+
+    count: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, line: int, reason: str) -> None:
+        self.count += 1
+        self.reasons[reason.split(" (")[0]] += 1
+        if len(self.examples) < EXAMPLES_KEPT:
+            self.examples.append(f"line {line}: {reason}")
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "reasons": dict(self.reasons.most_common()), "examples": self.examples}
+
+    def summary(self) -> str:
+        """e.g. '3 labels rows skipped (2 no such file, 1 empty label; line 4: ...)', or ''."""
+        if not self.count:
+            return ""
+        why = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common(4))
+        return f"{self.count} labels row{'s' if self.count != 1 else ''} skipped ({why}; {self.examples[0]})"
+
+
+@dataclass
+class LabelsFile:
+    path: Path
+    sha256: str
+    rows: list[LabelRow]
+    multi_label: bool
+    has_split: bool
+    has_group: bool
+    skipped: SkippedRows
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({label for row in self.rows for label in row.labels})
+
+    def record(self) -> dict:
+        """What a model keeps of the file: its name, hash and size, to find and check it again."""
+        return {"name": self.path.name, "sha256": self.sha256, "rows": len(self.rows), "has_split": self.has_split}
+
+
+def read_labels_file(path, root: Path, multi_label: bool | None = None) -> LabelsFile:
+    """Read and check ``path`` against the dataset folder ``root``; ``multi_label`` None: decided
+    by the file (a ``|`` in a label cell)."""
+    path = Path(path)
+    content = _read_bytes(path)
+    try:
+        text = content.decode("utf-8-sig")  # drops a byte-order mark
+    except UnicodeDecodeError as e:
+        raise UsageError(f"the labels file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 CSV") from None
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    columns = _columns(header, path)
+    raw = list(_rows(reader, columns, root))
+    if multi_label is None:
+        multi_label = any(LABEL_SEPARATOR in row[1] for _, row in raw)
+    skipped = SkippedRows()
+    rows = _merged(raw, multi_label, skipped)
+    if not rows:
+        raise UsageError(f"the labels file {path} holds no usable row ({skipped.summary() or 'it is empty'}): check its paths")
+    found = LabelsFile(
+        path, hashlib.sha256(content).hexdigest(), rows, multi_label, "split" in columns, "group" in columns, skipped
+    )
+    if len(found.class_names) < 2:
+        raise UsageError(
+            f"the labels file {path} names fewer than two labels ({', '.join(found.class_names)}): a classifier needs two"
+        )
+    return found
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise UsageError(f"--labels {path}: no such file")
+    try:
+        return read_regular(path, MAX_LABELS_BYTES)
+    except DataError as e:
+        raise UsageError(f"--labels: {e}") from None
+
+
+def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
+    """The column index of path, label and (if present) split and group, from the header row."""
+    if not header or len(header) < 2:
+        raise UsageError(
+            f"the labels file {path} needs a header row with at least two columns, e.g. 'path,label' "
+            f"(found {printable(','.join(header or []))[:80]!r})"
+        )
+    names = [h.strip().lower() for h in header]
+    columns = {
+        "path": next((names.index(c) for c in PATH_COLUMNS if c in names), 0),
+        "label": next((names.index(c) for c in LABEL_COLUMNS if c in names), 1),
+    }
+    for optional in ("split", "group"):
+        if optional in names:
+            columns[optional] = names.index(optional)
+    if columns["path"] == columns["label"]:
+        raise UsageError(f"the labels file {path}: the path and the label are the same column ({header[columns['path']]!r})")
+    return columns
+
+
+def _rows(reader, columns: dict[str, int], root: Path):
+    """(line, (relpath, label cell, split, group)) of each row, or the reason it is skipped as the cell."""
+    width = max(columns.values()) + 1
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue  # blank lines
+        if len(row) < width:
+            yield line, (None, f"{len(row)} fields, the header has {width} or more", None, None)
+            continue
+        relpath = row[columns["path"]].strip().replace("\\", "/")
+        reason = _path_problem(relpath, root)
+        split = row[columns["split"]].strip().lower() if "split" in columns else ""
+        if reason is None and split and split not in SPLIT_NAMES:
+            reason = f"unknown split {printable(split)[:20]!r} (train, val or test)"
+        group = row[columns["group"]].strip() if "group" in columns else ""
+        if reason is not None:
+            yield line, (None, reason, None, None)
+        else:
+            yield line, (relpath, row[columns["label"]], SPLIT_NAMES.get(split), group or None)
+
+
+def _path_problem(relpath: str, root: Path) -> str | None:
+    """Why ``relpath`` cannot be used as an image of the dataset at ``root``, or None."""
+    if not relpath:
+        return "an empty path"
+    if printable(relpath) != relpath:
+        return f"a path with a control character ({printable(relpath)[:60]})"
+    full = root / relpath
+    if relpath.startswith("/") or ".." in relpath.split("/"):
+        return f"a path outside the dataset ({printable(relpath)[:60]})"
+    if not os.path.isfile(full):
+        return f"no such file ({printable(relpath)[:60]})"
+    if not Path(os.path.realpath(full)).is_relative_to(os.path.realpath(root)):
+        return f"a link to a file outside the dataset ({printable(relpath)[:60]})"
+    return None
+
+
+def _labels_of(cell: str, multi_label: bool) -> tuple[str, ...]:
+    parts = cell.split(LABEL_SEPARATOR) if multi_label else [cell]
+    return tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+def _merged(raw, multi_label: bool, skipped: SkippedRows) -> list[LabelRow]:
+    """One row per path: several rows of a path are joined (multi-label) or must agree (single-label)."""
+    by_path: dict[str, LabelRow] = {}
+    first_line: dict[str, int] = {}
+    refused: set[str] = set()
+    for line, (relpath, cell, split, group) in raw:
+        if relpath is None:
+            skipped.add(line, cell)
+            continue
+        labels = _labels_of(cell, multi_label)
+        bad = next((label for label in labels if printable(label) != label), None)
+        if not labels or bad is not None:
+            skipped.add(line, "an empty label" if not labels else f"a label with a control character ({printable(bad)[:40]})")
+            continue
+        if not multi_label and len(labels) > 1:
+            skipped.add(line, f"several labels for one image ({printable(cell)[:40]}): --multi_label accepts them")
+            continue
+        if relpath in refused:
+            skipped.add(line, f"listed with conflicting labels or splits ({printable(relpath)[:60]})")
+            continue
+        before = by_path.get(relpath)
+        if before is None:
+            by_path[relpath], first_line[relpath] = LabelRow(relpath, labels, split, group), line
+        elif before.split != split or before.group != group or (not multi_label and before.labels != labels):
+            refused.add(relpath)
+            del by_path[relpath]
+            for where in (first_line[relpath], line):  # neither row can be trusted
+                skipped.add(where, f"listed with conflicting labels or splits ({printable(relpath)[:60]})")
+        elif multi_label:
+            before.labels = tuple(dict.fromkeys(before.labels + labels))
+        else:
+            skipped.add(line, f"listed twice ({printable(relpath)[:60]})")
+    return list(by_path.values())

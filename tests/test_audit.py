@@ -1,0 +1,99 @@
+"""--mode audit: planted label flips are found, a clean dataset gives a short list, bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES, assert_one_line_error, chromium, make_shapes_dataset, run_cli
+from simple_cnn import quality
+from simple_cnn.audit import label_issues, normalized_margin
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """A shapes dataset with six images moved to a wrong class folder and two unusable images, audited by the CLI."""
+    work = tmp_path_factory.mktemp("audit")
+    root = make_shapes_dataset(work / "ds", per_class=40)
+    rng = np.random.default_rng(0)
+    files = sorted(root.rglob("*.png"))
+    flipped = set()
+    for i in rng.choice(len(files), 6, replace=False):
+        wrong = [c for c in CLASSES if c != files[i].parent.name][int(rng.integers(2))]
+        shutil.move(files[i], root / wrong / f"flip_{files[i].name}")
+        flipped.add(f"{wrong}/flip_{files[i].name}")
+    Image.new("RGB", (32, 32), (3, 3, 3)).save(root / "circle" / "black.png")
+    Image.new("RGB", (200, 20), (120, 60, 30)).save(root / "square" / "strip.png")
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    result = run_cli("--mode", "audit", "--dataset_path", "ds", "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # nothing changed
+    return work, flipped, json.loads(result.stdout)
+
+
+def test_audit_finds_planted_flips_and_unusable_images(audited):
+    work, flipped, found = audited
+    top = {s["file"] for s in found["label_issues"][: len(flipped)]}
+    assert len(top & flipped) >= 4  # chance: 6 of 128 images
+    assert len(found["label_issues"]) <= 3 * len(flipped)  # a short list, not a ranking of everything
+    for s in found["label_issues"]:
+        assert s["given"] != s["suggested"] and 0 <= s["p_given"] <= 1 and s["score"] > -1
+    problems = {i["file"]: " ".join(i["problems"]) for i in found["image_issues"]}
+    assert "nearly black" in problems["circle/black.png"] and "nearly one colour" in problems["circle/black.png"]
+    assert "aspect ratio" in problems["square/strip.png"]
+    assert found["audited_images"] == 122 and found["folds"] == 4
+    with open(work / "images" / "label_issues.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows if r["kind"] == "label"] == [s["file"] for s in found["label_issues"]]
+    assert {r["kind"] for r in rows} == {"label", "image"} and rows[0]["rank"] == "1"
+
+    with chromium() as browser:
+        browser.get((work / "images" / "audit.html").as_uri())
+        assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+        requests = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert [r for r in requests if not r.startswith("data:")] == []
+        assert browser.find_element("id", "suspects").text == str(len(found["label_issues"]))
+        images = browser.execute_script("return [...document.images].map(i => [i.complete, i.naturalWidth])")
+        assert len(images) >= len(found["label_issues"]) and all(done and width > 0 for done, width in images)
+
+
+def test_audit_refuses_what_it_cannot_cross_fit_in_one_line(tmp_path):
+    make_shapes_dataset(tmp_path / "small", per_class=5)
+    assert_one_line_error(run_cli("--mode", "audit", "--dataset_path", "small", cwd=tmp_path), 1, "too few", "50 images")
+    assert_one_line_error(run_cli("--mode", "audit", "--dataset_path", "nowhere", cwd=tmp_path), 1, "nowhere")
+    labels = tmp_path / "small" / "labels.csv"
+    labels.write_text("path,label\ncircle/circle_000.png,a|b\ncircle/circle_001.png,b\n")
+    result = run_cli("--mode", "audit", "--dataset_path", "small", "--labels", str(labels), cwd=tmp_path)
+    assert_one_line_error(result, 2, "single-label")
+
+
+def test_confident_learning_flags_confident_disagreements_only():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 50)
+    p = np.full((150, 3), 0.05)
+    p[np.arange(150), y] = 0.9
+    p += rng.uniform(0, 0.02, size=p.shape)
+    p[[3, 60]] = [[0.05, 0.05, 0.9], [0.9, 0.05, 0.05]]  # labelled 0 and 1, confidently something else
+    p[100] = [0.3, 0.35, 0.35]  # unsure: no class above its threshold disagrees confidently
+    p /= p.sum(axis=1, keepdims=True)
+    found = label_issues(p, y)
+    assert set(found) == {3, 60}
+    assert (np.diff(normalized_margin(p[found], y[found])) >= 0).all()  # worst first
+
+
+def test_quality_thresholds_flag_what_they_say():
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+    flat = np.broadcast_to(np.array([128, 60, 30], np.uint8), (32, 32, 3))  # one colour, not grey
+    grey = np.repeat(rng.integers(0, 255, size=(32, 32, 1), dtype=np.uint8), 3, axis=2)
+    x = np.stack([sharp] * 10 + [flat, grey])
+    m = quality.measures(x, [(320, 240)] * 10 + [(320, 240), (10, 10)])
+    found = quality.problems(m, 32)
+    assert all(p == [] for p in found[:10])
+    assert any("one colour" in p for p in found[10])
+    assert any("grayscale" in p for p in found[11]) and any("smaller" in p for p in found[11])
