@@ -347,12 +347,24 @@ def test_fuzz_mutated_images_are_read_or_skipped(tmp_path_factory, which, edits,
 # ---------------------------------------------------------------- the table in docs/reliability.md
 
 
+LABELS_TESTS_IN_THE_TABLE = {  # test_labels.py's tests of hostile or broken input
+    "test_labels_file_quirks_are_read_and_bad_rows_skipped_with_their_reasons",
+    "test_a_million_row_labels_file_is_counted_not_listed",
+    "test_unusable_labels_files_are_usage_errors",
+    "test_bad_group_patterns_and_splits_that_cannot_train_are_one_line_usage_errors",
+    "test_labels_file_with_its_own_split_through_train_test_classify_and_load_data",
+    "test_test_mode_never_scores_an_image_the_model_trained_on_however_the_folder_changed",
+}
+
+
 def test_reliability_table_is_in_step():
-    """Every test in this file, test_hostile.py, test_hostile_serve.py and test_interrupts.py appears in the Reliability
-    table of docs/reliability.md, and the other way round."""
+    """Every test in this file, test_hostile.py, test_hostile_serve.py, test_interrupts.py and the bad-input tests of
+    test_labels.py appears in the Reliability table of docs/reliability.md, and the other way round."""
     text = (REPO / "docs" / "reliability.md").read_text()
     section = text.split("# Reliability", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", section))
     others = "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_hostile_serve.py", "test_interrupts.py"))
     here = {name for name in globals() if name.startswith("test_")} | set(re.findall(r"^def (test_\w+)", others, re.M))
+    assert LABELS_TESTS_IN_THE_TABLE <= set(re.findall(r"^def (test_\w+)", (REPO / "tests" / "test_labels.py").read_text(), re.M))
+    here |= LABELS_TESTS_IN_THE_TABLE
     assert named == here, {"missing from docs/reliability.md": here - named, "not a test": named - here}
