@@ -32,7 +32,7 @@ from .runtime import Predictor
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP = 10_000  # resamples: the interval's ends move by less than 0.1 point between seeds
+BOOTSTRAP = 10_000  # resamples of the test images, seeded: the same interval on every run
 ALPHA = 0.05  # a difference is called detectable below this p and with an interval that excludes zero
 SHOWN = 48  # disagreements shown on the page
 # What must agree for two models to be scored on the same test images.
