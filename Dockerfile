@@ -60,6 +60,9 @@ FROM base AS full
 ARG REQUIREMENTS=requirements.txt
 COPY ${REQUIREMENTS} ./requirements.txt
 RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+# Keras' cache on the models volume: ImageNet weights (--backbone) are downloaded once, not
+# once per container.
+ENV KERAS_HOME=/app/models/.keras
 COPY LICENSE.txt ./
 COPY src/ src/
 USER 1000:1000

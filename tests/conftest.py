@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageOps
 # --no-loadscope-reorder keeps that order; so the slowest files (from --durations) go first,
 # and a slow file collected last does not run alone at the end. Files not named come after.
 SLOWEST_FIRST = (
+    "test_transfer.py",
     "test_hostile.py",
     "test_distribute.py",
     "test_interrupts.py",
@@ -174,12 +175,12 @@ def _cli_env(extra: dict | None = None) -> dict:
     return {**env, **(extra or {})}
 
 
-def run_cli(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m simple_cnn ARGS`` as a user would, in ``cwd``."""
+def run_cli(*args, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m simple_cnn ARGS`` as a user would, in ``cwd`` (``env``: variables to add)."""
     return subprocess.run(
         [sys.executable, "-m", "simple_cnn", *map(str, args)],
         cwd=cwd,
-        env=_cli_env(),
+        env=_cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

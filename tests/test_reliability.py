@@ -355,16 +355,23 @@ LABELS_TESTS_IN_THE_TABLE = {  # test_labels.py's tests of hostile or broken inp
     "test_labels_file_with_its_own_split_through_train_test_classify_and_load_data",
     "test_test_mode_never_scores_an_image_the_model_trained_on_however_the_folder_changed",
 }
+TRANSFER_TESTS_IN_THE_TABLE = {  # test_transfer.py's tests of bad starts and failed downloads
+    "test_bad_starts_get_one_line",
+    "test_a_weights_file_trains_and_one_of_another_backbone_is_refused",
+    "test_a_download_that_fails_says_how_to_pass_a_file_and_leaves_nothing",
+    "test_a_silent_server_is_given_up_on",
+}
 
 
 def test_reliability_table_is_in_step():
     """Every test in this file, test_hostile.py, test_hostile_serve.py, test_interrupts.py and the bad-input tests of
-    test_labels.py appears in the Reliability table of docs/reliability.md, and the other way round."""
+    test_labels.py and test_transfer.py appears in the Reliability table of docs/reliability.md, and the other way round."""
     text = (REPO / "docs" / "reliability.md").read_text()
     section = text.split("# Reliability", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", section))
     others = "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_hostile_serve.py", "test_interrupts.py"))
     here = {name for name in globals() if name.startswith("test_")} | set(re.findall(r"^def (test_\w+)", others, re.M))
-    assert LABELS_TESTS_IN_THE_TABLE <= set(re.findall(r"^def (test_\w+)", (REPO / "tests" / "test_labels.py").read_text(), re.M))
-    here |= LABELS_TESTS_IN_THE_TABLE
+    for listed, file in ((LABELS_TESTS_IN_THE_TABLE, "test_labels.py"), (TRANSFER_TESTS_IN_THE_TABLE, "test_transfer.py")):
+        assert listed <= set(re.findall(r"^def (test_\w+)", (REPO / "tests" / file).read_text(), re.M))
+    here |= LABELS_TESTS_IN_THE_TABLE | TRANSFER_TESTS_IN_THE_TABLE
     assert named == here, {"missing from docs/reliability.md": here - named, "not a test": named - here}

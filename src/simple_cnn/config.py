@@ -12,6 +12,8 @@ This module imports nothing heavy, so ``simple-cnn --help`` stays fast.
 import re
 from dataclasses import dataclass, field, fields
 
+from .backbones import NAMES as BACKBONE_NAMES
+from .backbones import SIMPLE
 from .errors import UsageError
 
 DEFAULT_DATASET = "datasets/digits"  # written from scikit-learn's digits on first use
@@ -113,6 +115,21 @@ class TrainConfig:
         "a regular expression over each image's path inside the dataset; its first group names the image's group "
         "(a patient, a plant, a video), and a group lands whole in one split, e.g. '^([^_]+)_'",
     )
+    backbone: str = setting(
+        SIMPLE,
+        "the network: simple (simple_cnn's own) or a Keras Applications backbone, with its own preprocessing inside",
+        choices=BACKBONE_NAMES,
+    )
+    weights: str | None = setting(
+        None,
+        "a --backbone's starting weights: imagenet (downloaded once into Keras' cache, KERAS_HOME), a weights file "
+        "of that backbone (without its top), or none (default: imagenet for a Keras backbone, none for simple)",
+    )
+    init_from: str | None = setting(
+        None,
+        "start from another simple_cnn model (.keras or .h5, any classes): its layers below the head are reused, "
+        "a new head is trained for this dataset's classes, then every layer at a lower learning rate",
+    )
     seed: int = setting(42, "random seed for weights, shuffling and augmentation")
     augment: bool = setting(True, "random flips, rotations, zooms and contrast in training", flag=False)
     class_weight: str = setting(
@@ -161,6 +178,7 @@ class TrainConfig:
             raise SettingError(("class_weight",), f"must be none or auto, not {self.class_weight}")
         if self.group_by is not None:
             check_group_pattern(self.group_by)
+        check_start(self.backbone, self.weights, self.init_from)
         if self.distribute not in DISTRIBUTE_KINDS:
             raise SettingError(("distribute",), f"must be one of {', '.join(DISTRIBUTE_KINDS)}, not {self.distribute}")
 
@@ -171,6 +189,11 @@ class TrainConfig:
     def calibrates(self, validation_images: int) -> bool:
         """--calibrate or --no-calibrate, else whether the validation split is large enough (CALIBRATION_MIN_IMAGES)."""
         return self.calibrate if self.calibrate is not None else validation_images >= CALIBRATION_MIN_IMAGES
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether training starts from learnt weights (--init_from, or a Keras backbone's weights)."""
+        return bool(self.init_from) or (self.backbone != SIMPLE and self.weights != "none")
 
     @property
     def budget_minutes(self) -> float | None:
@@ -185,6 +208,20 @@ def check_splits(val_split: float, test_split: float) -> None:
         raise SettingError(
             ("val_split", "test_split"), f"must be below 1 to leave images to train on, not {val_split + test_split:g}"
         )
+
+
+def check_start(backbone: str, weights: str | None, init_from: str | None) -> None:
+    """--backbone, --weights and --init_from must describe one start."""
+    if backbone not in BACKBONE_NAMES:
+        raise SettingError(("backbone",), f"must be one of {', '.join(BACKBONE_NAMES)}, not {backbone}")
+    if init_from and (backbone != SIMPLE or weights):
+        raise SettingError(("init_from",), "brings its own network and weights: give it without --backbone and --weights")
+    if weights is not None and weights != "none" and backbone == SIMPLE:
+        raise SettingError(
+            ("weights",), "goes with a Keras --backbone (simple_cnn's own network has no published weights: use --init_from)"
+        )
+    if init_from and not init_from.endswith((".keras", ".h5")):
+        raise SettingError(("init_from",), f"must name a simple_cnn model file ending in .keras or .h5, not {init_from}")
 
 
 def check_group_pattern(pattern: str) -> None:

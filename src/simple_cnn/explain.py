@@ -22,9 +22,10 @@ from .errors import DataError
 from .files import atomic_output
 from .quiet import import_keras, import_tensorflow
 
-# model.build_model's last convolutional layer (before pooling); in models trained before
-# the network had its 1x1 head, the last block's sum.
-LAST_LAYERS = ("head_relu", "b256_add")
+# model.build_model's last feature map (before pooling): simple_cnn's own network's last
+# layer, a Keras backbone's output, and in models trained before the network had its 1x1
+# head, the last block's sum.
+LAST_LAYERS = ("head_relu", "features", "b256_add")
 
 
 def heat_maps(model, x: np.ndarray, classes: np.ndarray, batch: int = 64) -> np.ndarray:

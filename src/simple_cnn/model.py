@@ -8,23 +8,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backbones import BACKBONES, SIMPLE
 from .quiet import import_keras
 
 # The 1x1 convolution before pooling (MobileNet's last layer) widens the last block's 256
 # channels, which underfit when pooled directly; 512 did best of the widths tried
 # (bench/README.md, "A wider head").
 HEAD_FILTERS = 512
+BATCH_NORM_MOMENTUM = 0.9  # why not Keras' 0.99: build_model's docstring
 
 
-def build_model(num_classes: int, image_size: int, augment: bool = True, dropout: float = 0.25, multi_label: bool = False):
-    """A small Xception-style CNN: accuracy per CPU-second over depth.
+def build_model(
+    num_classes: int,
+    image_size: int,
+    augment: bool = True,
+    dropout: float = 0.25,
+    multi_label: bool = False,
+    backbone: str = SIMPLE,
+):
+    """A small Xception-style CNN (or a Keras Applications ``backbone``) and its classifier head.
 
-    The shape follows keras.io's "Image classification from scratch": a strided stem,
-    then blocks of two depthwise-separable convolutions with batch norm and a strided
-    residual shortcut, a 1x1 convolution that widens the last block's features before
-    global average pooling (keras.io's example widens with a 3x3 separable one; a 1x1 one
-    keeps each cell's features its own, so Grad-CAM stays sharp), and no large dense layer.
-    Separable convolutions cost about a ninth of full 3x3 ones for the same width.
+    simple_cnn's own network favours accuracy per CPU-second over depth.
+
+    ``backbone``: ``"simple"`` (simple_cnn's own, :func:`_simple_features`) or a name of
+    ``backbones.BACKBONES``, built with random weights (``transfer.py`` gives it others).
 
     With ``augment``, which flips images left-right in training, the network also averages
     its prediction over each image and its mirror at inference (``layers.py``).
@@ -33,7 +40,8 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
 
     Batch norm uses momentum 0.9, not Keras' 0.99: small datasets give few steps per
     epoch, and with 0.99 the moving statistics used at inference lag so far behind the
-    training batches that validation accuracy stays at chance for many epochs.
+    training batches that validation accuracy stays at chance for many epochs (a Keras
+    backbone's batch norm layers get the same momentum).
     """
     keras = import_keras()
     layers = keras.layers
@@ -42,27 +50,10 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
     from .layers import MirrorBatch, MirrorMean
 
     x = MirrorBatch(name="mirror")(inputs) if augment else inputs
-    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
-    if augment:  # random layers are identity at inference time
-        x = layers.RandomFlip("horizontal", name="aug_flip")(x)
-        x = layers.RandomRotation(0.05, fill_mode="reflect", name="aug_rotate")(x)
-        x = layers.RandomZoom(0.1, fill_mode="reflect", name="aug_zoom")(x)
-        x = layers.RandomContrast(0.1, name="aug_contrast")(x)
-
-    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
-    x = layers.Activation("relu", name="stem_relu")(x)
-    for filters in (64, 128, 256):
-        shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", name=f"b{filters}_short")(x)
-        for i in (1, 2):
-            x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"b{filters}_sep{i}")(x)
-            x = layers.BatchNormalization(momentum=0.9, name=f"b{filters}_bn{i}")(x)
-            x = layers.Activation("relu", name=f"b{filters}_relu{i}")(x)
-        x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"b{filters}_pool")(x)
-        x = layers.add([x, shortcut], name=f"b{filters}_add")
-    x = layers.Conv2D(HEAD_FILTERS, 1, use_bias=False, name="head_conv")(x)
-    x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
-    x = layers.Activation("relu", name="head_relu")(x)
+    if backbone == SIMPLE:
+        x = _simple_features(augmented(layers.Rescaling(1.0 / 255, name="rescale")(x), augment))
+    else:  # a backbone rescales inside itself, from the same 0-255 pixels
+        x = _backbone_features(BACKBONES[backbone], augmented(x, augment), image_size)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     activation = "sigmoid" if multi_label else "softmax"
@@ -70,6 +61,55 @@ def build_model(num_classes: int, image_size: int, augment: bool = True, dropout
     if augment:
         outputs = MirrorMean(dtype="float32", name="mirror_mean")(outputs)
     return keras.Model(inputs, outputs, name="simple_cnn")
+
+
+def augmented(x, augment: bool):
+    """Random flips, rotations, zooms and contrast in training (random layers are identity at inference time)."""
+    if not augment:
+        return x
+    layers = import_keras().layers
+    x = layers.RandomFlip("horizontal", name="aug_flip")(x)
+    x = layers.RandomRotation(0.05, fill_mode="reflect", name="aug_rotate")(x)
+    x = layers.RandomZoom(0.1, fill_mode="reflect", name="aug_zoom")(x)
+    return layers.RandomContrast(0.1, name="aug_contrast")(x)
+
+
+def _backbone_features(backbone, x, image_size: int):
+    """The backbone's last feature map, built into this graph (not nested as one layer), so that
+    Grad-CAM and the exports see its layers; ``features`` names it for Grad-CAM."""
+    layers = import_keras().layers
+    network = backbone.build(image_size, input_tensor=x)
+    for layer in network.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = BATCH_NORM_MOMENTUM
+    return layers.Identity(name="features")(network.output)
+
+
+def _simple_features(x):
+    """simple_cnn's own network: a strided stem, three residual blocks and a 1x1 widening layer.
+
+    The shape follows keras.io's "Image classification from scratch": a strided stem,
+    then blocks of two depthwise-separable convolutions with batch norm and a strided
+    residual shortcut, a 1x1 convolution that widens the last block's features before
+    global average pooling (keras.io's example widens with a 3x3 separable one; a 1x1 one
+    keeps each cell's features its own, so Grad-CAM stays sharp), and no large dense layer.
+    Separable convolutions cost about a ninth of full 3x3 ones for the same width.
+    """
+    layers = import_keras().layers
+    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    for filters in (64, 128, 256):
+        shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", name=f"b{filters}_short")(x)
+        for i in (1, 2):
+            x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"b{filters}_sep{i}")(x)
+            x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=f"b{filters}_bn{i}")(x)
+            x = layers.Activation("relu", name=f"b{filters}_relu{i}")(x)
+        x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"b{filters}_pool")(x)
+        x = layers.add([x, shortcut], name=f"b{filters}_add")
+    x = layers.Conv2D(HEAD_FILTERS, 1, use_bias=False, name="head_conv")(x)
+    x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name="head_bn")(x)
+    return layers.Activation("relu", name="head_relu")(x)
 
 
 def view_probabilities(model, images, **predict_options) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, distribute, interrupts, metrics, multilabel, plots, report
+from . import __version__, distribute, interrupts, metrics, multilabel, plots, report, transfer
 from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClusterConfig, TrainConfig
 from .dataset import SPLIT_SALT, ImageDataset, Split
@@ -68,7 +68,10 @@ def train(
         ensure_writable_dir(Path(config.tensorboard_dir), "TensorBoard")
     with RunState(model_path, distribute.worker_suffix(config.distribute)).lock() as run:
         dataset = ImageDataset.scan(dataset_path, Layout.of_config(config))  # said before TensorFlow starts
-        image_size = dataset.training_image_size(config.image_size, warn_imbalance=config.class_weight == "none")
+        start = transfer.resolve_start(config.backbone, config.weights, config.init_from)  # downloads, if it must
+        image_size = dataset.training_image_size(
+            config.image_size or start.image_size, warn_imbalance=config.class_weight == "none"
+        )
         config = replace(config, batch_size=config.batch_for(image_size))  # recorded as used
         cluster = distribute.make_cluster(config.distribute, (cluster_config or ClusterConfig()).worker_wait)
         for line in cluster.describe():
@@ -76,9 +79,9 @@ def train(
         splits = dataset.training_splits(image_size, cache_dir, cluster.shard)
         summary = dataset.summary()  # what was found, skipped and set aside
         with interrupts.deferred():  # from here TensorFlow works: a signal waits for a safe point
-            model = build_and_compile(len(dataset.class_names), image_size, config, cluster, dataset.multi_label)
-            run.start(run_identity(dataset, config, image_size), fresh, follow_chief=not cluster.is_chief)
-            fitted = fit(model, *splits, summary["images"], config, cluster, run)
+            model = build_and_compile(len(dataset.class_names), image_size, config, cluster, dataset.multi_label, start)
+            run.start(run_identity(dataset, config, image_size, start), fresh, follow_chief=not cluster.is_chief)
+            fitted = fit_from_start(model, start, splits, summary["images"], config, cluster, run)
             if not cluster.is_chief:  # the chief writes the model, plots and metrics
                 run.finish()
                 return worker_result(cluster, splits, fitted, time.monotonic() - started)
@@ -87,7 +90,7 @@ def train(
                 result.thresholds = choose_thresholds(model, splits[1], config.batch_size, config.calibrate)
             else:
                 result.calibration = calibrate_if_wanted(model, splits[1], config, result.config)
-            result.layout = layout_metadata(dataset)
+            result.layout = layout_metadata(dataset) | {"backbone": start.backbone, "start": start.record()}
         with interrupts.deferred(finishing=True):  # a signal now lets the last files be written
             save_outputs(model, result, config, fitted.history, splits, images_dir)
             run.finish()
@@ -184,8 +187,10 @@ def calibrate(model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int) -> d
     return {"temperature": fitted, "fitted_temperature": fitted, "val_ece_before": before, "val_ece_after": after}
 
 
-def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cluster: distribute.Cluster, multi_label=False):
-    """The network, with AdamW and the loss (binary cross-entropy per class when ``multi_label``), inside the cluster's scope."""
+def build_and_compile(
+    num_classes: int, image_size: int, config: TrainConfig, cluster: distribute.Cluster, multi_label=False, start=None
+):
+    """The network from its ``start`` (``transfer.py``; random weights by default), compiled, inside the cluster's scope."""
     keras = import_keras()
     if config.mixed_precision:
         if import_tensorflow().config.list_physical_devices("GPU"):
@@ -194,8 +199,20 @@ def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cl
         else:
             log.warning("--mixed_precision has no effect without a GPU; training in float32")
     keras.utils.set_random_seed(config.seed)
+    start = start or transfer.Start("random", config.backbone)
     with cluster.scope():
-        model = build_model(num_classes, image_size, augment=config.augment, multi_label=multi_label)
+        model = build_model(num_classes, image_size, augment=config.augment, multi_label=multi_label, backbone=start.backbone)
+        transfer.apply_start(model, start)
+    compile_model(model, config, cluster)
+    return model
+
+
+def compile_model(model, config: TrainConfig, cluster: distribute.Cluster) -> None:
+    """AdamW and the loss (binary cross-entropy per class for a multi-label model), inside the cluster's scope;
+    again whenever layers are frozen or unfrozen, as Keras requires."""
+    keras = import_keras()
+    multi_label = model.get_layer("probabilities").activation.__name__ == "sigmoid"
+    with cluster.scope():
         model.compile(
             # the learning rate is set before every step (schedule.Schedule)
             optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
@@ -204,10 +221,52 @@ def build_and_compile(num_classes: int, image_size: int, config: TrainConfig, cl
             metrics=[keras.metrics.BinaryAccuracy(name="accuracy") if multi_label else "accuracy"],
         )
     cluster.prepare_model(model)
-    return model
 
 
-def run_identity(dataset: ImageDataset, config: TrainConfig, image_size: int) -> dict:
+def fit_from_start(model, start, splits, counts: dict, config: TrainConfig, cluster, run: RunState) -> Fitted:
+    """:func:`fit`; from a pretrained start, the transfer recipe (``transfer.py``): the head alone for a few
+    epochs, then every layer at a lower learning rate, in what is left of the time budget."""
+    if not start.pretrained:
+        return fit(model, *splits, counts, config, cluster, run)
+    head_seconds = 0.0 if run.history() else fit_head(model, splits[0], config, cluster)  # a resumed run is past it
+    transfer.unfreeze_keeping_batch_norm(model)
+    budget = config.budget_minutes
+    tuning = replace(
+        config,
+        learning_rate=config.learning_rate * transfer.FINE_TUNE_LEARNING_RATE,
+        max_minutes=max(budget - head_seconds / 60, budget / 2) if budget else None,
+    )
+    compile_model(model, tuning, cluster)
+    fitted = fit(model, *splits, counts, tuning, cluster, run)
+    fitted.seconds += head_seconds
+    return fitted
+
+
+def fit_head(model, train: Split, config: TrainConfig, cluster) -> float:
+    """The new head alone, everything below it frozen, for transfer.HEAD_EPOCHS epochs at the peak learning rate; its seconds."""
+    from .callbacks import SafePoints
+
+    transfer.freeze_below_head(model)
+    compile_model(model, config, cluster)
+    global_batch, learning_rate = cluster.scale(config.batch_size, config.learning_rate)
+    model.optimizer.learning_rate = learning_rate
+    log.info(f"Training the new head alone for {transfer.HEAD_EPOCHS} epochs, the layers below it frozen")
+    ds = make_tf_dataset(train.x, train.y, global_batch, shuffle=True, seed=config.seed, in_graph=cluster.in_graph)
+    started = time.monotonic()
+    with cluster.failures(), contextlib.redirect_stdout(sys.stderr):  # as in fit
+        model.fit(
+            cluster.prepare_dataset(ds.repeat()),
+            epochs=transfer.HEAD_EPOCHS,
+            steps_per_epoch=math.ceil(len(train) / global_batch),
+            callbacks=[SafePoints()],
+            verbose=1 if sys.stderr.isatty() else 2,
+        )
+    seconds = time.monotonic() - started
+    log.info(f"The head trained in {seconds:.0f} s ({seconds / (transfer.HEAD_EPOCHS * len(train)) * 1000:.1f} ms per image)")
+    return seconds
+
+
+def run_identity(dataset: ImageDataset, config: TrainConfig, image_size: int, start=None) -> dict:
     """What must match for a run to resume; --epochs, --max_minutes, --tensorboard_dir and --calibrate
     (which acts after training) may change."""
     may_change = {"epochs": None, "max_minutes": None, "tensorboard_dir": None, "calibrate": None}
@@ -215,6 +274,7 @@ def run_identity(dataset: ImageDataset, config: TrainConfig, image_size: int) ->
         "dataset_path": str(dataset.root.resolve()),
         "class_names": dataset.class_names,
         "labels_sha256": dataset.labels_file.sha256 if dataset.labels_file else None,
+        "start_sha256": start.sha256 if start else None,
         "config": asdict(config) | {"image_size": image_size} | may_change,
     }
 
