@@ -191,11 +191,6 @@ class TrainConfig:
         return self.calibrate if self.calibrate is not None else validation_images >= CALIBRATION_MIN_IMAGES
 
     @property
-    def pretrained(self) -> bool:
-        """Whether training starts from learnt weights (--init_from, or a Keras backbone's weights)."""
-        return bool(self.init_from) or (self.backbone != SIMPLE and self.weights != "none")
-
-    @property
     def budget_minutes(self) -> float | None:
         """The training time budget: --max_minutes, else AUTO_MINUTES when the epochs are not given."""
         return self.max_minutes or (AUTO_MINUTES if self.epochs is None else None)

@@ -261,6 +261,7 @@ def fit_head(model, train: Split, config: TrainConfig, cluster) -> float:
             callbacks=[SafePoints()],
             verbose=1 if sys.stderr.isatty() else 2,
         )
+    ds.release_arrays()  # fit makes its own datasets; this one would keep the decoded images (make_tf_dataset)
     seconds = time.monotonic() - started
     log.info(f"The head trained in {seconds:.0f} s ({seconds / (transfer.HEAD_EPOCHS * len(train)) * 1000:.1f} ms per image)")
     return seconds
