@@ -32,6 +32,7 @@ SLOWEST_FIRST = (
     "test_reliability.py",
     "test_bench.py",
     "test_classify_export.py",
+    "test_unknown.py",
     "test_serve.py",
     "test_docker.py",
     "test_metrics.py",

@@ -34,7 +34,9 @@ def test_train_bench_compares_both_recipes_and_the_input_pipeline(tmp_path):
     for row in report["results"].values():
         assert 0 <= row["test_accuracy"] <= 1 and row["test_images"] > 0
         assert row["epochs"] >= 1 and row["train_images_per_second"] > 0
-        assert row["forward_mflops_per_image"] > 0 and 0 < row["fraction_of_matmul_ceiling"] < 1
+        assert 0 < row["fraction_of_matmul_ceiling"] < 1
+        # A training image costs its forward pass and about twice that backward; ours classifies two views.
+        assert 2 * row["inference_mflops_per_image"] / (2 if row["recipe"] == "simple_cnn" else 1) < row["train_mflops_per_image"]
         assert row["peak_rss_mib"] > 100 and row["classify_cold_start_seconds"] > 0
     # Both are tested on the images --mode test scores: the near copies of a training image set aside.
     assert report["results"]["simple_cnn"]["test_images"] == report["results"]["tutorial"]["test_images"] < test_split

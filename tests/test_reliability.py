@@ -361,17 +361,24 @@ TRANSFER_TESTS_IN_THE_TABLE = {  # test_transfer.py's tests of bad starts and fa
     "test_a_download_that_fails_says_how_to_pass_a_file_and_leaves_nothing",
     "test_a_silent_server_is_given_up_on",
 }
+UNKNOWN_TESTS_IN_THE_TABLE = {"test_unknown_without_a_detector_or_images_is_one_line"}  # test_unknown.py's bad input
 
 
 def test_reliability_table_is_in_step():
     """Every test in this file, test_hostile.py, test_hostile_serve.py, test_interrupts.py and the bad-input tests of
-    test_labels.py and test_transfer.py appears in the Reliability table of docs/reliability.md, and the other way round."""
+    test_labels.py, test_transfer.py and test_unknown.py appears in the Reliability table of docs/reliability.md,
+    and the other way round."""
     text = (REPO / "docs" / "reliability.md").read_text()
     section = text.split("# Reliability", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", section))
     others = "".join((REPO / "tests" / f).read_text() for f in ("test_hostile.py", "test_hostile_serve.py", "test_interrupts.py"))
     here = {name for name in globals() if name.startswith("test_")} | set(re.findall(r"^def (test_\w+)", others, re.M))
-    for listed, file in ((LABELS_TESTS_IN_THE_TABLE, "test_labels.py"), (TRANSFER_TESTS_IN_THE_TABLE, "test_transfer.py")):
+    listed_in = (
+        (LABELS_TESTS_IN_THE_TABLE, "test_labels.py"),
+        (TRANSFER_TESTS_IN_THE_TABLE, "test_transfer.py"),
+        (UNKNOWN_TESTS_IN_THE_TABLE, "test_unknown.py"),
+    )
+    for listed, file in listed_in:
         assert listed <= set(re.findall(r"^def (test_\w+)", (REPO / "tests" / file).read_text(), re.M))
-    here |= LABELS_TESTS_IN_THE_TABLE | TRANSFER_TESTS_IN_THE_TABLE
+    here |= LABELS_TESTS_IN_THE_TABLE | TRANSFER_TESTS_IN_THE_TABLE | UNKNOWN_TESTS_IN_THE_TABLE
     assert named == here, {"missing from docs/reliability.md": here - named, "not a test": named - here}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import interrupts, multilabel
+from . import interrupts, multilabel, unknown
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError, printable
 from .files import atomic_output, csv_cell, ensure_writable_dir
@@ -86,17 +86,22 @@ def classify_many(
     min_confidence: float = ClassifyConfig.min_confidence,
     explain: bool = False,
     images_dir=DEFAULT_IMAGES_DIR,
+    unknown_by_distance: bool = ClassifyConfig.unknown,
 ) -> ClassifyManyResult:
     """Classify every image named by ``input_path`` (file, folder or glob).
 
     Unreadable files are skipped and reported. Returns the predictions in file order,
     the skipped files, the runtime used and the throughput. ``explain``: also write each
-    image's Grad-CAM overlay to ``images_dir`` (``explain.py``).
+    image's Grad-CAM overlay to ``images_dir`` (``explain.py``). ``unknown_by_distance``:
+    answer "unknown" beyond the model's distance threshold (``unknown.py``).
     """
-    ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain)
+    ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain, unknown=unknown_by_distance)
     metadata = read_model_metadata(model_path)  # a missing or bad model is said before missing images
+    if unknown_by_distance:
+        unknown.require(metadata, model_path)
     paths = find_inputs(input_path)
     predictor = Predictor(model_path, metadata, gradients=explain)
+    unknown.check_predictor(predictor, unknown_by_distance)
     size, names = metadata["image_size"], metadata["class_names"]
     started = time.monotonic()
     predictions, skipped = [], []
@@ -107,13 +112,15 @@ def classify_many(
         if len(x) == 0:
             continue
         good = [p for p, e in zip(chunk, errors) if e is None]
-        probabilities = predictor(x)
+        probabilities, distances = predictor.predict(x)
+        distances = [None] * len(good) if distances is None else distances
         overlays = write_explanations(predictor, x, probabilities, good, images_dir) if explain else [None] * len(good)
-        for path, probs, overlay in zip(good, probabilities, overlays):
+        for path, probs, distance, overlay in zip(good, probabilities, distances, overlays):
             top = top_classes(probs, names, top_k)
             labels = multilabel.answer_of(probs, metadata, min_confidence)
+            answer = prediction(top, min_confidence, labels, unknown.novelty(distance, metadata), unknown_by_distance)
             explanation = {"explanation": printable(overlay)} if overlay else {}
-            predictions.append({"image": printable(str(path))} | prediction(top, min_confidence, labels) | explanation)
+            predictions.append({"image": printable(str(path))} | answer | explanation)
     seconds = time.monotonic() - started
     return ClassifyManyResult(
         model_file_path=str(model_path),
@@ -132,27 +139,34 @@ def classify(
     min_confidence: float = ClassifyConfig.min_confidence,
     explain: bool = False,
     images_dir=DEFAULT_IMAGES_DIR,
+    unknown_by_distance: bool = ClassifyConfig.unknown,
 ) -> ClassifyResult:
     """Predict the class of the one image at ``image_path``: the ``top_k`` most likely classes,
-    and the answer ("unknown" when the most likely is below ``min_confidence``).
+    and the answer ("unknown" when the most likely is below ``min_confidence``, or with
+    ``unknown_by_distance`` when the image lies beyond the model's distance threshold, ``unknown.py``).
     ``explain``: also write the Grad-CAM overlay to ``images_dir`` (``explain.py``)."""
-    ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain)
+    ClassifyConfig(top_k=top_k, min_confidence=min_confidence, explain=explain, unknown=unknown_by_distance)
     image_path = Path(image_path)
     metadata = read_model_metadata(model_path)  # a missing or bad model is said before a missing image
+    if unknown_by_distance:
+        unknown.require(metadata, model_path)
     if not image_path.exists():
         raise DataError(f"no image at {image_path}: check --single_image_path")
     if image_path.is_dir():
         raise DataError(f"{image_path} is a folder: give --single_image_path one image file, or --input_path a folder")
     predictor = Predictor(model_path, metadata, gradients=explain)  # checks the model before any decoding at its size
+    unknown.check_predictor(predictor, unknown_by_distance)
     try:
         pixels = read_image(image_path, metadata["image_size"])
     except ValueError as e:
         raise DataError(f"cannot read the image {image_path}: {e}") from None
-    probabilities = predictor(pixels[None])
+    probabilities, distances = predictor.predict(pixels[None])
     top = top_classes(probabilities[0], metadata["class_names"], top_k)
     overlay = write_explanations(predictor, pixels[None], probabilities, [image_path], images_dir)[0] if explain else None
     labels = multilabel.answer_of(probabilities[0], metadata, min_confidence)
-    return ClassifyResult(str(image_path), str(model_path), predictor.runtime, top, min_confidence, overlay, labels)
+    novelty = unknown.novelty(None if distances is None else distances[0], metadata)
+    where = (str(image_path), str(model_path), predictor.runtime)
+    return ClassifyResult(*where, top, min_confidence, overlay, labels, novelty, unknown_by_distance)
 
 
 def write_predictions(result: ClassifyManyResult, path: Path) -> None:

@@ -120,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--input_path", help="images to classify: a file, a folder (recursively) or a quoted glob")
     classify.add_argument("--output", help="write classify results for --input_path to this .csv or .jsonl file")
     _add_settings(classify, ClassifyConfig)
-    _add_settings(p.add_argument_group("serve mode (also --min_confidence, --top_k)"), ServeConfig)
+    _add_settings(p.add_argument_group("serve mode (also --min_confidence, --top_k, --unknown)"), ServeConfig)
     p.add_argument(
         "--other_model",
         action="append",
         default=[],
         help="compare mode: a model to compare with --model_file_path on the same test images (repeat for several)",
+    )
+    p.add_argument(
+        "--unknown_path",
+        help="test mode: a folder of images that belong to none of the classes; reports how well the unknown detector's "
+        "distance, and beside it the softmax, tells them from the test images (AUROC, and the shares caught and kept)",
     )
     p.add_argument("--format", choices=["tflite", "savedmodel", "onnx"], help="export format (export mode)")
     p.add_argument(
@@ -164,6 +169,10 @@ def _check(args, parser) -> tuple[TrainConfig, ClassifyConfig, ClusterConfig]:
         parser.error("--mode compare needs --other_model B (and --model_file_path A)")
     if args.other_model and args.mode != "compare":
         parser.error("--other_model goes with --mode compare")
+    if args.unknown_path and args.mode != "test":
+        parser.error("--unknown_path goes with --mode test (classify and serve take --unknown)")
+    if classify_config.unknown and args.mode not in ("classify", "serve"):
+        parser.error("--unknown goes with --mode classify or serve (test mode measures the detector with --unknown_path)")
     if args.mode == "export" and not args.format:
         parser.error("--mode export needs --format tflite|savedmodel|onnx")
     if args.quantize and not (args.mode == "export" and args.format == "tflite"):
@@ -213,6 +222,7 @@ def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig, clust
             args.cache_dir,
             classify_config.min_confidence,
             train_config.labels,
+            args.unknown_path,
         )
     if args.mode == "export":
         from .export import export
@@ -234,8 +244,12 @@ def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig, clust
 
     c = classify_config
     if args.single_image_path:
-        return classify(args.single_image_path, args.model_file_path, c.top_k, c.min_confidence, c.explain, args.images_dir)
-    result = classify_many(args.input_path, args.model_file_path, c.top_k, c.min_confidence, c.explain, args.images_dir)
+        return classify(
+            args.single_image_path, args.model_file_path, c.top_k, c.min_confidence, c.explain, args.images_dir, c.unknown
+        )
+    result = classify_many(
+        args.input_path, args.model_file_path, c.top_k, c.min_confidence, c.explain, args.images_dir, c.unknown
+    )
     if args.output:
         write_predictions(result, Path(args.output))
     return result

@@ -34,6 +34,9 @@ AUTO_BATCH, AUTO_BATCH_SIDE = 32, 96
 # holds at least this many images: on much smaller splits the fit runs to its bounds
 # (measured: docs/test.md, "Calibrated probabilities").
 CALIBRATION_MIN_IMAGES = 100
+# The unknown detector's threshold keeps this share of the validation images (unknown.py): a
+# share, not a distance, because distances have no scale a user could know.
+UNKNOWN_KEEP = 0.95
 
 
 def auto_batch_size(image_size: int) -> int:
@@ -237,6 +240,12 @@ class ClassifyConfig:
     )
     explain: bool = setting(
         False, "classify: also write where the network looked (a Grad-CAM overlay, IMAGES_DIR/<name>_gradcam.png)"
+    )
+    unknown: bool = setting(
+        False,
+        "classify and serve: answer 'unknown' when the image lies farther from every class seen in training than the "
+        f"model's distance threshold (chosen in training so that {UNKNOWN_KEEP * 100:g} in 100 validation images lie "
+        "within it); the distance is always in --json",
     )
 
     def __post_init__(self):

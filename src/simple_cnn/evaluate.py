@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import explain, interrupts, metrics, multilabel, plots, report
+from . import explain, interrupts, metrics, multilabel, plots, report, unknown
 from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig, auto_batch_size
 from .dataset import ImageDataset, Split
@@ -29,6 +29,7 @@ def evaluate(
     cache_dir=None,
     min_confidence: float = ClassifyConfig.min_confidence,
     labels=None,
+    unknown_path=None,
 ) -> TestResult | MultiLabelTestResult:
     """Evaluate ``model_path`` on the test split of ``dataset_path``.
 
@@ -40,23 +41,30 @@ def evaluate(
     the metrics. ``cache_dir``: as in ``ImageDataset.decode``. ``min_confidence``: also
     report the share of test images answered at that confidence and the accuracy on
     them (classify answers "unknown" below it). ``labels``: the labels file, when the model
-    was trained with one that is not in ``dataset_path`` under its own name.
+    was trained with one that is not in ``dataset_path`` under its own name. ``unknown_path``: a
+    folder of images of none of the classes, to measure the unknown detector on (``unknown.py``).
     """
     from .callbacks import SafePoints
 
     ClassifyConfig(min_confidence=min_confidence)
     metadata = read_metadata(model_path)
+    novel = unknown.unknown_images(unknown_path) if unknown_path else None  # said before any work
+    if novel:
+        unknown.require(metadata, model_path)
     images_dir = ensure_writable_dir(Path(images_dir), "images")
     cache_dir = cache_folder(cache_dir) if cache_dir is not None else None  # refused before any work
     dataset = ImageDataset.of_model(dataset_path, metadata, model_path, labels)
     test = dataset.test_split(metadata["image_size"], read_fingerprints(model_path), cache_dir)
     with interrupts.deferred():  # TensorFlow works: a signal waits for a safe point
         model, _ = load_model(model_path)
-        batches = make_tf_dataset(test.x, test.y, batch_size or auto_batch_size(metadata["image_size"]))
-        views = view_probabilities(model, batches, callbacks=[SafePoints()])
+        batch_size = batch_size or auto_batch_size(metadata["image_size"])
+        views = view_probabilities(model, make_tf_dataset(test.x, test.y, batch_size), callbacks=[SafePoints()])
+        scored_unknown = unknown.score_unknown(model, model_path, metadata, test.x, novel, batch_size) if novel else None
     if dataset.multi_label:
-        return score_and_write_multi_label(images_dir, metadata, views.mean(axis=1), test, str(model_path), dataset.summary())
+        summary = dataset.summary() | {"unknown": scored_unknown}
+        return score_and_write_multi_label(images_dir, metadata, views.mean(axis=1), test, str(model_path), summary)
     result = score(views, test.y, metadata, min_confidence, str(model_path), dataset.summary())
+    result.unknown = scored_unknown
     result.images_written = write_outputs(images_dir, metadata, result, model, test, views.mean(axis=1))
     return result
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats, multilabel
+from . import formats, multilabel, unknown
 from .dataset import ImageDataset
 from .errors import DataError
 from .results import ExportResult
@@ -40,9 +40,10 @@ def export(model_path, fmt: str, quantize: str | None = None, dataset_path=None,
             raise DataError(f"--quantize takes {' or '.join(formats.QUANTIZATIONS)}, with --format tflite")
         return export_quantized(model, metadata, Path(model_path), quantize, dataset_path, labels)
     if fmt == "tflite":  # bind the model file to its new LiteRT copy (see formats.write_tflite)
-        embedded = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
-        path, digest = formats.write_tflite(model, model_path, embedded)
-        formats.rewrite_metadata(model_path, embedded | {formats.LITERT_SHA256: digest})
+        plain = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
+        network, embedded = unknown.for_litert(model, model_path, plain)
+        path, digest = formats.write_tflite(network, model_path, embedded)
+        formats.rewrite_metadata(model_path, metadata | {formats.LITERT_SHA256: digest})
         files = [str(path)]
     else:
         files = [str(WRITERS[fmt](model, model_path, metadata))]
@@ -75,12 +76,13 @@ def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dat
         train = dataset.split("train")
         pick = np.random.default_rng(0).choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False)
         calibration = dataset.decode([train[i] for i in sorted(pick)], size).x
-    embedded = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256} | {"quantization": quantize}
-    path, _ = formats.write_tflite(model, model_path, embedded, quantize, calibration)
+    plain = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
+    network, embedded = unknown.for_litert(model, model_path, plain | {"quantization": quantize}, quantize)
+    path, _ = formats.write_tflite(network, model_path, embedded, quantize, calibration)
     test = dataset.test_split(size, formats.read_fingerprints(model_path))
     x, y = test.x, test.y
     # The float32 LiteRT model: the copy training wrote, if it is the verified one; else converted in memory.
-    reference = verified_litert_copy(model_path, metadata) or formats.litert_bytes(model, metadata)
+    reference = verified_litert_copy(model_path, metadata) or formats.litert_bytes(*unknown.for_litert(model, model_path, plain))
     thresholds = multilabel.thresholds_of(metadata)
     measured = {"float32": measure(LiteRT(reference), len(reference), x, y, thresholds)}
     measured[quantize] = measure(LiteRT(path.read_bytes()), path.stat().st_size, x, y, thresholds)

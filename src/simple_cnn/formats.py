@@ -9,7 +9,8 @@ The class names, input size and split settings travel inside every file (the
   ``.h5`` file. ``keras.models.load_model`` ignores both. Beside it, the training
   images' fingerprints (``duplicates.py``; for test mode, which sets aside test images
   that copy them): a member ``simple_cnn_fingerprints.json`` or a root dataset of
-  that JSON's bytes (HDF5 attributes stop at 64 KB). Classify never reads them.
+  that JSON's bytes (HDF5 attributes stop at 64 KB). Classify never reads them. And the
+  "unknown" detector's means and whitening (``unknown.py``): ``simple_cnn_unknown.npz``.
 - LiteRT (``cnn_model.tflite``, written beside the model by train mode): the metadata JSON
   inside the flatbuffer's ``metadata`` list (name ``simple_cnn``), plus
   ``cnn_model.labels.txt``. Classify uses it to start without TensorFlow.
@@ -43,7 +44,7 @@ from .quiet import import_keras, import_tensorflow, native_stderr_hidden
 MODEL_SUFFIXES = (".keras", ".h5")
 METADATA_MEMBER = "simple_cnn.json"  # an extra member of the .keras zip archive
 METADATA_ATTR = "simple_cnn_metadata"  # a root attribute of the .h5 file
-FINGERPRINTS = "simple_cnn_fingerprints"  # .keras: FINGERPRINTS + ".json" member; .h5: root dataset
+FINGERPRINTS_MEMBER = "simple_cnn_fingerprints.json"  # .keras: a zip member; .h5: a root dataset named without .json
 TFLITE_METADATA_NAME = "simple_cnn"
 LITERT_SHA256 = "litert_sha256"  # the metadata key binding a model file to its LiteRT copy
 TRAIN_HINT = "train one first: simple-cnn --mode train --dataset_path DATASET --model_file_path {path}"
@@ -97,45 +98,57 @@ def check_model_path(path) -> Path:
 # ---------------------------------------------------------------- .keras and .h5
 
 
-def save_model(model, path, metadata: dict, fingerprints: dict | None = None) -> None:
-    """Save ``model`` with ``metadata`` (and the training ``fingerprints``) inside the file, atomically."""
+def save_model(model, path, metadata: dict, members: dict[str, bytes] | None = None) -> None:
+    """Save ``model`` with ``metadata`` inside the file, atomically, and ``members`` beside the network:
+    file name -> bytes, e.g. the training fingerprints (:data:`FINGERPRINTS_MEMBER`); :func:`read_member` reads one."""
     path = check_model_path(path)
     text = json.dumps(metadata, ensure_ascii=False)
-    # ASCII: file names that are not valid UTF-8 (surrogate escapes) survive as \udcXX.
-    prints = json.dumps(fingerprints).encode() if fingerprints else None
     with atomic_output(path) as tmp:
         model.save(tmp)
         if path.suffix == ".keras":
             with zipfile.ZipFile(tmp, "a") as archive:
                 archive.writestr(METADATA_MEMBER, text)
-                if prints:
-                    archive.writestr(FINGERPRINTS + ".json", prints, compress_type=zipfile.ZIP_DEFLATED)
+                for name, content in (members or {}).items():
+                    archive.writestr(name, content, compress_type=zipfile.ZIP_DEFLATED)
         else:
             import h5py
             import numpy as np
 
             with h5py.File(tmp, "a") as f:
                 f.attrs[METADATA_ATTR] = text
-                if prints:
-                    f.create_dataset(FINGERPRINTS, data=np.frombuffer(prints, dtype=np.uint8), compression="gzip")
+                for name, content in (members or {}).items():  # a root dataset named without the suffix
+                    f.create_dataset(Path(name).stem, data=np.frombuffer(content, dtype=np.uint8), compression="gzip")
 
 
-def read_fingerprints(path) -> Fingerprints | None:
-    """The training images' fingerprints saved by :func:`save_model`, or None (older files)."""
+def read_member(path, name: str, limit: int) -> bytes | None:
+    """A member that :func:`save_model` stored beside the network, or None (none there, more than
+    ``limit`` bytes, or an unreadable file)."""
     path = check_model_path(path)
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
-                saved = json.loads(_read_member(archive, FINGERPRINTS + ".json", MAX_FINGERPRINT_BYTES))
-        else:
-            import h5py
+                return _read_member(archive, name, limit)
+        import h5py
 
-            with h5py.File(path, "r") as f:
-                if f[FINGERPRINTS].size > MAX_FINGERPRINT_BYTES:
-                    return None
-                saved = json.loads(f[FINGERPRINTS][()].tobytes())
-        return Fingerprints.from_dict(saved)
-    except (KeyError, OSError, ValueError, TypeError, RecursionError, zipfile.BadZipFile):
+        with h5py.File(path, "r") as f:
+            data = f[Path(name).stem]
+            return None if data.size > limit else data[()].tobytes()
+    except (KeyError, OSError, ValueError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def fingerprints_member(fingerprints: Fingerprints) -> dict[str, bytes]:
+    """The training images' fingerprints as a member for :func:`save_model` (ASCII JSON: file names
+    that are not valid UTF-8, surrogate escapes, survive as \\udcXX)."""
+    return {FINGERPRINTS_MEMBER: json.dumps(fingerprints.as_dict()).encode()}
+
+
+def read_fingerprints(path) -> Fingerprints | None:
+    """The training images' fingerprints saved with the model, or None (older files)."""
+    content = read_member(path, FINGERPRINTS_MEMBER, MAX_FINGERPRINT_BYTES)
+    try:
+        return Fingerprints.from_dict(json.loads(content)) if content else None
+    except (KeyError, ValueError, TypeError, RecursionError):
         return None
 
 

@@ -15,20 +15,29 @@ import numpy as np
 UNKNOWN = "unknown"  # classify's answer below --min_confidence
 
 
-def answer(top_k: list[dict], min_confidence: float, labels: list[dict] | None = None) -> str:
+def answer(top_k: list[dict], min_confidence: float, labels: list[dict] | None = None, far: bool = False) -> str:
     """The most likely class, or "unknown" when its probability is below ``min_confidence``;
-    multi-label (``labels``: those at or above their thresholds): the most likely of them, or "unknown"."""
+    multi-label (``labels``: those at or above their thresholds): the most likely of them, or "unknown";
+    "unknown" too when the image is ``far`` from every training class (``--unknown``, ``unknown.py``)."""
+    if far:
+        return UNKNOWN
     if labels is not None:
         return labels[0]["class"] if labels else UNKNOWN
     return top_k[0]["class"] if top_k[0]["probability"] >= min_confidence else UNKNOWN
 
 
-def prediction(top_k: list[dict], min_confidence: float, labels: list[dict] | None = None) -> dict:
+def prediction(
+    top_k: list[dict], min_confidence: float, labels: list[dict] | None = None, novelty: dict | None = None, unknown=False
+) -> dict:
     """One image's answer as every output shows it: the class (or "unknown"), its probability,
-    the top classes, and for a multi-label model the labels given."""
+    the top classes, for a multi-label model the labels given, and with a detector the
+    image's distance (``novelty``: ``unknown.novelty``; ``unknown``: --unknown answers by it)."""
     given = labels[0]["probability"] if labels else top_k[0]["probability"]
-    return {"class": answer(top_k, min_confidence, labels), "probability": given, "top_k": top_k} | (
-        {"labels": labels} if labels is not None else {}
+    far = bool(unknown and novelty and novelty["beyond_threshold"])
+    return (
+        {"class": answer(top_k, min_confidence, labels, far), "probability": given, "top_k": top_k}
+        | ({"labels": labels} if labels is not None else {})
+        | (novelty or {})
     )
 
 
@@ -98,6 +107,7 @@ class TrainResult(DatasetFacts):
     imbalance: float | None = None  # the largest class over the smallest, in the training split
     duplicates: dict | None = None  # dataset.Copies.report(): groups, images, set_aside, mixed_labels
     thresholds: list[float] | None = None  # multi-label: each class's, chosen on the validation split
+    unknown: dict | None = None  # the unknown detector's threshold and settings (unknown.fit_on_splits)
     layout: dict = field(default_factory=dict)  # train.layout_metadata(): how labels and splits were made
     images_written: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
@@ -138,6 +148,20 @@ class WorkerResult(Result):
         )
 
 
+def unknown_lines(scored: dict | None) -> list[str]:
+    """Test mode's lines on --unknown_path: the distance beside the softmax (``unknown.score_unknown``)."""
+    if not scored:
+        return []
+    d, s = scored["distance"], scored["softmax"]
+    return [
+        f"Images of no class (--unknown_path): {scored['unknown_images']}, {len(scored['skipped'])} skipped. "
+        f"Told from the test images with an AUROC of {d['auroc']:.3f} by the distance, {s['auroc']:.3f} by the softmax",
+        f"  At the thresholds chosen in training: the distance ({d['threshold']:.1f}) catches {d['caught']:.1%} of them "
+        f"and keeps {d['test_kept']:.1%} of the test images; the softmax ({s['threshold']:.2f}) catches {s['caught']:.1%} "
+        f"and keeps {s['test_kept']:.1%}",
+    ]
+
+
 @dataclass
 class TestResult(DatasetFacts):
     mode: ClassVar[str] = "test"
@@ -163,6 +187,7 @@ class TestResult(DatasetFacts):
     images: dict[str, int] | None = None  # images per split, found by the scan
     imbalance: float | None = None  # the largest class over the smallest, in the training split
     report: str = field(default="", repr=False)  # scikit-learn's text report, for humans only
+    unknown: dict | None = None  # --unknown_path: unknown.score_unknown()
     images_written: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -196,6 +221,7 @@ class TestResult(DatasetFacts):
                 ),
                 self._calibration_line(),
                 *self._coverage_lines(),
+                *unknown_lines(self.unknown),
                 self.report.rstrip(),
                 f"Wrote {', '.join(self.images_written)}",
             ]
@@ -222,6 +248,7 @@ class MultiLabelTestResult(DatasetFacts):
     duplicates: dict | None = None
     images: dict[str, int] | None = None
     imbalance: float | None = None
+    unknown: dict | None = None  # --unknown_path: unknown.score_unknown()
     images_written: list[str] = field(default_factory=list)
 
     def human(self) -> str:
@@ -239,6 +266,7 @@ class MultiLabelTestResult(DatasetFacts):
                 f"Mean average precision {self.mean_average_precision:.3f} (each label at its frequency: "
                 f"{self.chance_mean_average_precision:.3f}), micro-F1 {self.micro_f1:.3f}, macro-F1 {self.macro_f1:.3f}",
                 f"Subset accuracy {self.subset_accuracy:.3f} (every label right), Hamming loss {self.hamming_loss:.3f}",
+                *unknown_lines(self.unknown),
                 *rows,
                 f"Wrote {', '.join(self.images_written)}",
             ]
@@ -257,19 +285,29 @@ class ClassifyResult(Result):
     min_confidence: float = 0.0  # below it, the answer is "unknown"
     explanation: str | None = None  # --explain: the Grad-CAM overlay's path
     labels: list[dict] | None = None  # multi-label: every label at or above its threshold (multilabel.labels_above)
+    novelty: dict | None = None  # with a detector: the distance, its threshold, whether beyond (unknown.novelty)
+    unknown: bool = False  # --unknown: "unknown" beyond the distance threshold
 
     @property
     def answer(self) -> str:
-        return answer(self.top_k, self.min_confidence, self.labels)
+        return self.as_dict()["class"]
 
     def as_dict(self) -> dict:
         where = {"mode": self.mode, "image": self.image, "model_file_path": self.model_file_path, "runtime": self.runtime}
         explanation = {"explanation": self.explanation} if self.explanation else {}
-        return where | prediction(self.top_k, self.min_confidence, self.labels) | explanation
+        return where | prediction(self.top_k, self.min_confidence, self.labels, self.novelty, self.unknown) | explanation
 
     def human(self) -> str:
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in self.top_k)
         first = self.top_k[0]
+        where = f"\nWhere it looked (Grad-CAM): {self.explanation}" if self.explanation else ""
+        if self.unknown and self.novelty and self.novelty["beyond_threshold"]:
+            n = self.novelty
+            head = (
+                f"{self.image}: unknown (at a distance of {n['distance']:.1f} from every class seen in training, beyond "
+                f"{n['distance_threshold']:.1f}; the most likely, {first['class']}, has {first['probability']:.3f})"
+            )
+            return f"{head}\nTop {len(self.top_k)}: {top}{where}"
         if self.labels is not None:
             given = (
                 ", ".join(f"{t['class']} {t['probability']:.3f}" for t in self.labels)
@@ -281,7 +319,6 @@ class ClassifyResult(Result):
             head = f"{self.image}: unknown (the most likely, {best})"
         else:
             head = f"{self.image}: {first['class']} (probability {first['probability']:.3f})"
-        where = f"\nWhere it looked (Grad-CAM): {self.explanation}" if self.explanation else ""
         return f"{head}\nTop {len(self.top_k)}: {top}{where}"
 
 
@@ -305,7 +342,8 @@ class ClassifyManyResult(Result):
         for r in self.predictions:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
             where = f"\t{r['explanation']}" if "explanation" in r else ""
-            given = "|".join(t["class"] for t in r["labels"]) or UNKNOWN if "labels" in r else r["class"]
+            labelled = "labels" in r and r["class"] != UNKNOWN
+            given = "|".join(t["class"] for t in r["labels"]) if labelled else r["class"]
             rows.append(f"{r['image']}\t{given}\t{r['probability']:.3f}\t{top}{where}")
         return "\n".join(rows)
 

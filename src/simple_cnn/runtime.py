@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class LiteRT:
-    """A LiteRT interpreter running model bytes: probabilities for batches of uint8 images."""
+    """A LiteRT interpreter running model bytes: probabilities for batches of uint8 images, and with
+    :meth:`run` also each image's unknown distance when the network gives one (``unknown.py``)."""
 
     def __init__(self, content: bytes):
         from ai_edge_litert.interpreter import Interpreter
@@ -37,12 +38,21 @@ class LiteRT:
         with native_stderr_hidden():
             self._interpreter = Interpreter(model_content=content, num_threads=usable_cpus())
         self.input_shape = tuple(self._interpreter.get_input_details()[0]["shape"][1:])
-        self.outputs = int(self._interpreter.get_output_details()[0]["shape"][-1])
         self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        # The probabilities and, as a second output, the distance: the one whose last axis holds one value
+        # (a model has at least two classes, formats.check_metadata).
+        outputs = sorted(self._interpreter.get_output_details(), key=lambda d: int(d["shape"][-1]) == 1)
+        self.outputs = int(outputs[0]["shape"][-1])
+        self._output = outputs[0]["index"]
+        self._distance = outputs[1]["index"] if len(outputs) > 1 and int(outputs[1]["shape"][-1]) == 1 else None
+        self.has_distance = self._distance is not None
         self._batch = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[0]
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The probabilities of a batch and its distances (None without a detector)."""
         if self._batch != len(x):
             self._interpreter.resize_tensor_input(self._input, [len(x), *x.shape[1:]])
             with native_stderr_hidden():
@@ -50,7 +60,8 @@ class LiteRT:
             self._batch = len(x)
         self._interpreter.set_tensor(self._input, x.astype(np.float32))
         self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output).copy()
+        distance = self._interpreter.get_tensor(self._distance)[:, 0].copy() if self.has_distance else None
+        return self._interpreter.get_tensor(self._output).copy(), distance
 
 
 def has_tensorflow() -> bool:
@@ -137,14 +148,15 @@ def litert_beside(model_path: Path, metadata: dict) -> LiteRT | None:
 
 
 class Predictor:
-    """Probabilities for batches of uint8 images, from LiteRT when possible, else Keras.
+    """Probabilities for batches of uint8 images, from LiteRT when possible, else Keras; with
+    :meth:`predict`, also each image's unknown distance when the model has a detector (``unknown.py``).
 
     ``gradients=True`` loads the Keras model (Grad-CAM needs them): ``keras_model``.
     """
 
     def __init__(self, model_path, metadata: dict, gradients: bool = False):
         self.path, self.metadata = Path(model_path), metadata
-        self.keras_model, self._litert = None, None
+        self.keras_model, self._litert, self._network = None, None, None
         if gradients:
             if not has_tensorflow():
                 raise DataError("--explain needs TensorFlow, which is not installed here: use the full simple_cnn image")
@@ -156,25 +168,42 @@ class Predictor:
             self._litert = litert_beside(self.path, metadata)
         self.runtime = "litert" if self._litert is not None else "keras"
         if self._litert is None:
-            if not has_tensorflow():
-                raise DataError(
-                    f"{self.path} has no LiteRT copy beside it ({tflite_path(self.path).name}), and without TensorFlow "
-                    "(the slim image) only that can run: make it with --mode export --format tflite in the full image"
-                )
-            with interrupts.deferred():
-                self.keras_model, _ = load_model(self.path)
+            self._load_keras()
+        self.has_distance = self._litert.has_distance if self._litert is not None else len(self._network.outputs) > 1
+
+    def _load_keras(self) -> None:
+        """The Keras model, and the network the predictions run: with the detector's distance when the file has one."""
+        if not has_tensorflow():
+            raise DataError(
+                f"{self.path} has no LiteRT copy beside it ({tflite_path(self.path).name}), and without TensorFlow "
+                "(the slim image) only that can run: make it with --mode export --format tflite in the full image"
+            )
+        from . import unknown
+
+        with interrupts.deferred():
+            self.keras_model, _ = load_model(self.path)
+            detector = unknown.read_detector(self.path) if unknown.record_of(self.metadata) else None
+            self._network = unknown.inference_network(self.keras_model, detector) if detector else self.keras_model
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.predict(x)[0]
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The probabilities of a batch of images, and their distances (None without a detector)."""
         with interrupts.deferred():  # a signal waits for a safe point (interrupts.py)
             if self._litert is not None:
-                return self._litert(x)
+                return self._litert.run(x)
             if len(x) == 1:  # one image: a direct call is much faster than predict()
-                return np.asarray(self.keras_model(x.astype(np.float32), training=False))
-            from .callbacks import SafePoints
-            from .pipeline import make_tf_dataset
+                out = self._network(x.astype(np.float32), training=False)
+            else:
+                from .callbacks import SafePoints
+                from .pipeline import make_tf_dataset
 
-            ds = make_tf_dataset(x, np.zeros(len(x), np.int32), batch_size=64)
-            return self.keras_model.predict(ds, verbose=0, callbacks=[SafePoints()])
+                ds = make_tf_dataset(x, np.zeros(len(x), np.int32), batch_size=64)
+                out = self._network.predict(ds, verbose=0, callbacks=[SafePoints()])
+        if isinstance(out, list | tuple):
+            return np.asarray(out[0]), np.asarray(out[1])[:, 0]
+        return np.asarray(out), None
 
 
 def open_model(model_path, gradients: bool = False) -> Predictor:

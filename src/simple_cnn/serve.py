@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import multilabel
+from . import multilabel, unknown
 from .config import ClassifyConfig, ServeConfig
 from .errors import DataError
 from .images import decode_stream, pixels_to_decode
@@ -105,8 +105,7 @@ class Batcher:
         self.calls += 1
         try:
             out = self._predict(np.concatenate([w.pixels for w in batch]))
-            ends = np.cumsum([len(w.pixels) for w in batch])
-            for w, part in zip(batch, np.split(out, ends[:-1])):
+            for w, part in zip(batch, _rows_of(out, np.cumsum([len(w.pixels) for w in batch]))):
                 w.result = part
         except Exception as e:  # noqa: BLE001 (each caller re-raises it)
             for w in batch:
@@ -117,6 +116,13 @@ class Batcher:
                     w.error = RuntimeError("the prediction was interrupted")
                 w.done = True
                 w.woken.set()
+
+
+def _rows_of(out, ends: np.ndarray) -> list:
+    """Each caller's rows of a batch's output: an array, or a tuple of arrays (None for each caller when None)."""
+    if isinstance(out, tuple):
+        return list(zip(*(_rows_of(o, ends) if o is not None else [None] * len(ends) for o in out)))
+    return np.split(out, ends[:-1])
 
 
 class _Waiting:
@@ -136,13 +142,19 @@ class ServedModel:
         self.predictor = open_model(self.path)
         self.metadata = self.predictor.metadata
         self.classify = classify
+        unknown.check_predictor(self.predictor, classify.unknown)  # --unknown without a detector: refused at start
         # LiteRT's time grows with the batch (bench/serve_bench.py), so batching would only
         # enlarge its memory arena; Keras' time is mostly per call (bench/README.md, "serve").
-        self.batcher = Batcher(self.predictor, max_images=1 if self.predictor.runtime == "litert" else 64)
+        self.batcher = Batcher(self.predictor.predict, max_images=1 if self.predictor.runtime == "litert" else 64)
 
     def probabilities(self, images: list[bytes], config: ServeConfig = ServeConfig()) -> np.ndarray:  # noqa: B008 (frozen)
-        """Decode and predict; ValueError names the first image that cannot be read, TooMuchWork
-        an image or a request over the pixel bounds (read from the headers, before decoding)."""
+        """The images' probabilities (:meth:`predict`)."""
+        return self.predict(images, config)[0]
+
+    def predict(self, images: list[bytes], config: ServeConfig = ServeConfig()) -> tuple:  # noqa: B008 (frozen)
+        """Decode and predict: the probabilities and the distances (None without a detector). ValueError names the
+        first image that cannot be read, TooMuchWork an image or a request over the pixel bounds (read from the
+        headers, before decoding)."""
         size = self.metadata["image_size"]
         per_image, per_request = config.max_megapixels * 1e6, config.max_request_megapixels * 1e6
         names = [f"image {i}" for i in range(len(images))] if len(images) > 1 else ["the image"]
@@ -198,12 +210,14 @@ async def _image_of(request) -> tuple[bytes, str]:
     return await _body(request), "upload"
 
 
-async def _predicted(request, images: list[bytes]) -> np.ndarray:
+async def _predicted(request, images: list[bytes]) -> list[tuple]:
+    """Each image's probabilities and its distance (None without a detector)."""
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     try:
-        return await run_in_threadpool(request.app.state.model.probabilities, images, request.app.state.config)
+        probabilities, distances = await run_in_threadpool(request.app.state.model.predict, images, request.app.state.config)
+        return list(zip(probabilities, [None] * len(images) if distances is None else distances))
     except TooMuchWork as e:
         raise HTTPException(413, str(e)) from None
     except ValueError as e:
@@ -219,11 +233,13 @@ async def classify_endpoint(request):
     content, name = await _image_of(request)
     if not content:
         raise HTTPException(400, "the body is empty: send an image (raw bytes or a multipart upload)")
-    probabilities = (await _predicted(request, [content]))[0]
+    probabilities, distance = (await _predicted(request, [content]))[0]
     top = top_classes(probabilities, model.metadata["class_names"], model.classify.top_k)
     labels = multilabel.answer_of(probabilities, model.metadata, model.classify.min_confidence)
+    novelty = unknown.novelty(distance, model.metadata)
     # The model's file name, never its path: where it lies on the server's disk is for the server's own log.
-    result = ClassifyResult(name, model.path.name, model.predictor.runtime, top, model.classify.min_confidence, labels=labels)
+    where = (name, model.path.name, model.predictor.runtime)
+    result = ClassifyResult(*where, top, model.classify.min_confidence, None, labels, novelty, model.classify.unknown)
     return JSONResponse(result.as_dict())
 
 
@@ -258,15 +274,16 @@ async def predict_endpoint(request):
     except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         raise HTTPException(400, 'the body is not JSON: send {"instances": [{"b64": "..."}]}') from None
     images, columnar = instances_of(payload)
-    rows = [predict_row(p, model) for p in await _predicted(request, images)]
+    rows = [predict_row(p, d, model) for p, d in await _predicted(request, images)]
     if columnar:
         keys = tuple(rows[0]) if rows else ("probabilities", "classes", "scores")
         return JSONResponse({"outputs": {key: [r[key] for r in rows] for key in keys}})
     return JSONResponse({"predictions": rows})
 
 
-def predict_row(probabilities: np.ndarray, model: ServedModel) -> dict:
-    """One instance of a :predict answer; a multi-label model adds the labels at or above their thresholds."""
+def predict_row(probabilities: np.ndarray, distance, model: ServedModel) -> dict:
+    """One instance of a :predict answer; a multi-label model adds the labels at or above their thresholds,
+    a model with an unknown detector the distance (``unknown.novelty``)."""
     names = model.metadata["class_names"]
     row = {
         "probabilities": probabilities.tolist(),
@@ -274,7 +291,7 @@ def predict_row(probabilities: np.ndarray, model: ServedModel) -> dict:
         "scores": float(probabilities.max()),
     }
     labels = multilabel.answer_of(probabilities, model.metadata, model.classify.min_confidence)
-    return row | ({"labels": labels} if labels is not None else {})
+    return row | ({"labels": labels} if labels is not None else {}) | (unknown.novelty(distance, model.metadata) or {})
 
 
 async def healthz_endpoint(request):

@@ -9,6 +9,7 @@ killed run resume), calibrate it, save the outputs. Distribution is behind
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import math
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, distribute, interrupts, metrics, multilabel, plots, report, transfer
+from . import __version__, calibration, distribute, interrupts, multilabel, plots, report, transfer, unknown
 from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClusterConfig, TrainConfig
 from .dataset import SPLIT_SALT, ImageDataset, Split
 from .files import ensure_free_space, ensure_writable_dir
-from .formats import LITERT_SHA256, check_model_path, save_model, write_tflite
-from .model import build_model, view_probabilities
+from .formats import LITERT_SHA256, check_model_path, fingerprints_member, save_model, write_tflite
+from .model import build_model
 from .pipeline import make_tf_dataset
 from .quiet import import_keras, import_tensorflow
 from .results import TrainResult, WorkerResult
@@ -86,16 +87,32 @@ def train(
                 run.finish()
                 return worker_result(cluster, splits, fitted, time.monotonic() - started)
             result = summarize(summary, splits, image_size, config, cluster, fitted, model_path)
+            # Training is over: the compiled training and evaluation graphs go, so that the passes
+            # after it (calibration, the unknown detector) and the LiteRT converter reuse their memory.
+            model.train_function = model.test_function = model.predict_function = None
+            release_freed_memory()
             if dataset.multi_label:
-                result.thresholds = choose_thresholds(model, splits[1], config.batch_size, config.calibrate)
+                result.thresholds = calibration.choose_thresholds(model, splits[1], config.batch_size, config.calibrate)
             else:
-                result.calibration = calibrate_if_wanted(model, splits[1], config, result.config)
+                result.calibration = calibration.calibrate_if_wanted(model, splits[1], config, result.config)
+            release_freed_memory()  # the calibration's network and graph
+            detector, result.unknown = unknown.fit_on_splits(model, *splits)  # on calibrated outputs
             result.layout = layout_metadata(dataset) | {"backbone": start.backbone, "start": start.record()}
         with interrupts.deferred(finishing=True):  # a signal now lets the last files be written
-            save_outputs(model, result, config, fitted.history, splits, images_dir)
+            save_outputs(model, result, config, fitted.history, splits, images_dir, detector)
             run.finish()
     result.wall_seconds = round(time.monotonic() - started, 1)
     return result
+
+
+def release_freed_memory() -> None:
+    """Collect the garbage (Keras models sit in reference cycles), then hand the freed heap back to the
+    system with glibc's ``malloc_trim``: without it, the memory the training graphs held stayed in the
+    process, and the passes after training added theirs on top at the run's peak. Python has no call
+    for it; where there is no glibc (macOS), the collection alone."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -118,22 +135,6 @@ def class_weights(y_train: np.ndarray, num_classes: int) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(num_classes) if c not in present}
 
 
-def choose_thresholds(model, val: Split, batch_size: int, config_calibrate: bool | None = None) -> list[float]:
-    """Multi-label: each class's threshold, the one that maximises its F1 on the validation split
-    (``multilabel.py``). A temperature is not fitted: it would not change which labels pass."""
-    from .callbacks import SafePoints
-
-    interrupts.check()
-    if config_calibrate:
-        log.warning("--calibrate fits one softmax temperature; a multi-label model's thresholds are chosen instead")
-    val_ds = make_tf_dataset(val.x, val.y, batch_size)
-    probabilities = view_probabilities(model, val_ds, callbacks=[SafePoints()]).mean(axis=1)
-    val_ds.release_arrays()
-    thresholds = multilabel.choose_thresholds(probabilities, val.y)
-    log.info(f"Thresholds chosen on the validation split (the best F1 per class): {', '.join(f'{t:.2f}' for t in thresholds)}")
-    return thresholds
-
-
 def layout_metadata(dataset: ImageDataset) -> dict:
     """How the dataset was labelled and split, for the model file: test mode does the same again."""
     return {
@@ -142,49 +143,6 @@ def layout_metadata(dataset: ImageDataset) -> dict:
         "multi_label": dataset.multi_label,
         "class_counts": dataset.per_class_counts(),
     }
-
-
-def calibrate_if_wanted(model, val: Split, config: TrainConfig, recorded: dict) -> dict | None:
-    """Calibrate when --calibrate says so or the validation split can carry it; the decision goes into ``recorded``."""
-    recorded["calibrate"] = config.calibrates(len(val))  # as decided, when not given
-    if recorded["calibrate"]:
-        interrupts.check()
-        return calibrate(model, val.x, val.y, config.batch_size)
-    if config.calibrate is None:
-        log.info(f"Not calibrated: {len(val)} validation images are too few to fit a temperature (--calibrate fits one)")
-    return None
-
-
-def calibrate(model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int) -> dict:
-    """Fit one temperature on the validation split and bake it into the network.
-
-    The output layer computes softmax(W x + b); dividing W and b by the temperature T
-    gives softmax((W x + b) / T), so every runtime and every export (LiteRT, SavedModel,
-    ONNX) gives the calibrated probabilities with no extra step. T cannot change which
-    class is most likely, so accuracy is unchanged.
-
-    The temperature is fitted on each view's probabilities (the image and its mirror), as
-    the network applies it, not on their average. The validation images go through
-    ``predict`` in training-sized batches, as test mode's do: eager calls on large
-    batches (and their mirror images) held far more memory than training itself
-    (bench/README.md, "Memory").
-    """
-    from .callbacks import SafePoints
-
-    val_ds = make_tf_dataset(x_val, y_val, batch_size)
-    views = view_probabilities(model, val_ds, callbacks=[SafePoints()])
-    val_ds.release_arrays()
-    fitted = metrics.fit_temperature(views, y_val)
-    before = metrics.expected_calibration_error(views.mean(axis=1), y_val)  # the network's output
-    after = metrics.expected_calibration_error(metrics.rescale_views(views, fitted), y_val)  # and with T baked in
-    if after >= before:  # a small validation split can fit a temperature that does no good: keep 1
-        log.info(f"Not calibrated: a temperature of {fitted:.2f} would not lower the validation calibration error ({before:.3f})")
-        return {"temperature": 1.0, "fitted_temperature": fitted, "val_ece_before": before, "val_ece_after": before}
-    layer = model.get_layer("probabilities")
-    kernel, bias = layer.get_weights()
-    layer.set_weights([kernel / fitted, bias / fitted])
-    log.info(f"Calibrated on the validation split: temperature {fitted:.2f}, calibration error {before:.3f} -> {after:.3f}")
-    return {"temperature": fitted, "fitted_temperature": fitted, "val_ece_before": before, "val_ece_after": after}
 
 
 def build_and_compile(
@@ -399,6 +357,7 @@ def model_metadata(result: TrainResult, config: TrainConfig, history: dict) -> d
         "calibration": result.calibration or {},
         **result.layout,
         "thresholds": result.thresholds,
+        "unknown": result.unknown,
         "images": result.images_used | {"test": result.images["test"]},
         "training": {
             "epochs_run": result.epochs_run,
@@ -411,8 +370,9 @@ def model_metadata(result: TrainResult, config: TrainConfig, history: dict) -> d
     }
 
 
-def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict, splits, images_dir: Path):
-    """The training curves, example images, the model file, its LiteRT copy and the report page.
+def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict, splits, images_dir: Path, detector=None):
+    """The training curves, example images, the model file (with the unknown ``detector``), its LiteRT copy
+    (whose second output is the detector's distance) and the report page.
 
     The pictures come first: the example grid is the last use of the decoded images, which
     are then released (the splits keep their labels and fingerprints), so that the LiteRT
@@ -433,18 +393,15 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
     train_split.x = val_split.x = None
     ensure_free_space(Path(result.model_file_path).parent, state_bytes(model), "the model and its LiteRT copy")
     metadata = model_metadata(result, config, history)
-    # Training is over: drop the compiled training, evaluation and prediction graphs so
-    # that the LiteRT converter reuses their memory.
-    model.train_function = model.test_function = model.predict_function = None
-    gc.collect()
     try:  # the LiteRT copy lets classify start without TensorFlow; without it, classify still works
-        path, digest = write_tflite(model, result.model_file_path, metadata)
+        network = unknown.inference_network(model, detector) if detector else model
+        path, digest = write_tflite(network, result.model_file_path, metadata)
         result.tflite_file_path = str(path)
         metadata[LITERT_SHA256] = digest  # classify runs that copy only (formats.write_tflite)
     except Exception as e:  # noqa: BLE001 (any converter failure only costs speed)
         log.warning(f"could not write the LiteRT copy of the model ({str(e).splitlines()[0] if str(e) else e!r})")
-    fingerprints = train_split.fingerprints + val_split.fingerprints  # for --mode test's copy rule
-    save_model(model, Path(result.model_file_path), metadata, fingerprints.as_dict())
+    members = fingerprints_member(train_split.fingerprints + val_split.fingerprints)  # for --mode test's copy rule
+    save_model(model, Path(result.model_file_path), metadata, members | (detector.as_member() if detector else {}))
     page = report.write_report(
         images_dir, metadata, curves, {"Training examples": examples}, skipped=result.skipped, duplicates=result.duplicates
     )
