@@ -9,7 +9,6 @@ killed run resume), calibrate it, save the outputs. Distribution is behind
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import math
@@ -90,12 +89,12 @@ def train(
             # Training is over: the compiled training and evaluation graphs go, so that the passes
             # after it (calibration, the unknown detector) and the LiteRT converter reuse their memory.
             model.train_function = model.test_function = model.predict_function = None
-            release_freed_memory()
+            gc.collect()
             if dataset.multi_label:
                 result.thresholds = calibration.choose_thresholds(model, splits[1], config.batch_size, config.calibrate)
             else:
                 result.calibration = calibration.calibrate_if_wanted(model, splits[1], config, result.config)
-            release_freed_memory()  # the calibration's network and graph
+            gc.collect()  # the calibration's network and graph: Keras models sit in reference cycles
             detector, result.unknown = unknown.fit_on_splits(model, *splits)  # on calibrated outputs
             result.layout = layout_metadata(dataset) | {"backbone": start.backbone, "start": start.record()}
         with interrupts.deferred(finishing=True):  # a signal now lets the last files be written
@@ -103,16 +102,6 @@ def train(
             run.finish()
     result.wall_seconds = round(time.monotonic() - started, 1)
     return result
-
-
-def release_freed_memory() -> None:
-    """Collect the garbage (Keras models sit in reference cycles), then hand the freed heap back to the
-    system with glibc's ``malloc_trim``: without it, the memory the training graphs held stayed in the
-    process, and the passes after training added theirs on top at the run's peak. Python has no call
-    for it; where there is no glibc (macOS), the collection alone."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
