@@ -86,22 +86,29 @@ def train(
                 run.finish()
                 return worker_result(cluster, splits, fitted, time.monotonic() - started)
             result = summarize(summary, splits, image_size, config, cluster, fitted, model_path)
-            # Training is over: the compiled training and evaluation graphs go, so that the passes
-            # after it (calibration, the unknown detector) and the LiteRT converter reuse their memory.
-            model.train_function = model.test_function = model.predict_function = None
-            gc.collect()
-            if dataset.multi_label:
-                result.thresholds = calibration.choose_thresholds(model, splits[1], config.batch_size, config.calibrate)
-            else:
-                result.calibration = calibration.calibrate_if_wanted(model, splits[1], config, result.config)
-            gc.collect()  # the calibration's network and graph: Keras models sit in reference cycles
-            detector, result.unknown = unknown.fit_on_splits(model, *splits)  # on calibrated outputs
+            detector = after_training(model, splits, config, result, dataset.multi_label)
             result.layout = layout_metadata(dataset) | {"backbone": start.backbone, "start": start.record()}
         with interrupts.deferred(finishing=True):  # a signal now lets the last files be written
             save_outputs(model, result, config, fitted.history, splits, images_dir, detector)
             run.finish()
     result.wall_seconds = round(time.monotonic() - started, 1)
     return result
+
+
+def after_training(model, splits, config: TrainConfig, result: TrainResult, multi_label: bool):
+    """On the validation split: the thresholds or the temperature (``calibration.py``), then the unknown
+    detector on the calibrated outputs (``unknown.py``), which it returns; their records go into ``result``."""
+    # Training is over: the compiled training and evaluation graphs go, so that the passes
+    # after it and the LiteRT converter reuse their memory.
+    model.train_function = model.test_function = model.predict_function = None
+    gc.collect()
+    if multi_label:
+        result.thresholds = calibration.choose_thresholds(model, splits[1], config.batch_size, config.calibrate)
+    else:
+        result.calibration = calibration.calibrate_if_wanted(model, splits[1], config, result.config)
+    gc.collect()  # the calibration's network and graph: Keras models sit in reference cycles
+    detector, result.unknown = unknown.fit_on_splits(model, *splits)
+    return detector
 
 
 @dataclass
