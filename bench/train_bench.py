@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -34,35 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from classify_bench import cold_start, throughput  # noqa: E402
+from peers import KERAS_RECIPES, export_split, fit_keras_recipe, require_ultralytics, run_ultralytics  # noqa: E402
 
 from simple_cnn.config import AUTO_MINUTES  # noqa: E402
-
-
-def tutorial_cnn(num_classes: int, image_size: int):
-    """The baseline: https://www.tensorflow.org/tutorials/images/classification, with its
-    augmentation and dropout (its best published setting)."""
-    import keras
-    from keras import layers
-
-    return keras.Sequential(
-        [
-            keras.Input((image_size, image_size, 3)),
-            layers.RandomFlip("horizontal"),
-            layers.RandomRotation(0.1),
-            layers.RandomZoom(0.1),
-            layers.Rescaling(1.0 / 255),
-            layers.Conv2D(16, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(32, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(64, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Dropout(0.2),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu"),
-            layers.Dense(num_classes, activation="softmax"),
-        ]
-    )
 
 
 def inference_flops(model, image_size: int) -> float:
@@ -142,68 +115,58 @@ def scored_by_test_mode(ds, files: list[str], ours: Path) -> np.ndarray:
 
 
 def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, quick: bool = False) -> dict:
-    """Train one recipe for ``minutes`` (None: ours as the default) and test it (runs in its own process).
-    ``quick``: the tutorial's CNN at 64 pixels, not 180 (a smoke run: its 4-million-weight
-    dense layer at 180 pixels made it the slowest part of the test suite)."""
+    """Train one recipe for ``minutes`` (None: ours as the default; a peer then gets
+    config.AUTO_MINUTES) and test it (runs in its own process). ``quick``: a Keras peer at 64
+    pixels, not 180 (a smoke run: the tutorial's 4-million-weight dense layer at 180 pixels
+    made it the slowest part of the test suite)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from simple_cnn.config import auto_batch_size
     from simple_cnn.dataset import ImageDataset
     from simple_cnn.formats import save_model
     from simple_cnn.pipeline import make_tf_dataset
     from simple_cnn.quiet import import_keras
-    from simple_cnn.schedule import Plan, Schedule
     from simple_cnn.train import TrainConfig, train
 
     keras = import_keras()
     ds = ImageDataset.scan(dataset)
     if recipe == "simple_cnn":
         summary = train(dataset, model_out, model_out.parent / "images", TrainConfig(max_minutes=minutes)).as_dict()
-        image_size = summary["image_size"]
-        model = keras.models.load_model(model_out)
-        train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        decode_seconds = summary["wall_seconds"] - summary["train_seconds"]
-        train_seconds, epochs = summary["train_seconds"], summary["epochs_run"]
-        n_train = summary["images_used"]["train"]
+        fitted = {
+            "model": keras.models.load_model(model_out),
+            "image_size": summary["image_size"],
+            "decode_seconds": summary["wall_seconds"] - summary["train_seconds"],
+            "train_seconds": summary["train_seconds"],
+            "epochs": summary["epochs_run"],
+            "train_images": summary["images_used"]["train"],
+            "images_trained": summary["images_used"]["train"] * summary["epochs_run"],
+            "batch_size": auto_batch_size(summary["image_size"]),  # the default's batch, no --batch_size given
+        }
     else:
-        image_size = 64 if quick else 180  # the tutorial's size
-        t = time.monotonic()
-        train_split, val_split = ds.decode(ds.split("train"), image_size), ds.decode(ds.split("val"), image_size)
-        (x, y), (xv, yv) = (train_split.x, train_split.y), (val_split.x, val_split.y)
-        decode_seconds = time.monotonic() - t
-        keras.utils.set_random_seed(42)
-        model = tutorial_cnn(len(ds.class_names), image_size)
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        t = time.monotonic()
-        history = model.fit(  # one iterator for the run, as ours (bench/README.md, "Epochs of two speeds")
-            make_tf_dataset(x, y, 32, shuffle=True).repeat(),
-            steps_per_epoch=math.ceil(len(x) / 32),
-            validation_data=make_tf_dataset(xv, yv, 32),
-            epochs=1000,
-            verbose=0,
-            callbacks=[Schedule(Plan(1000, (minutes or AUTO_MINUTES) * 60), peak=None, warmup=0.0)],  # its own Adam rate
-        )
-        train_seconds, epochs, n_train = time.monotonic() - t, len(history.history["loss"]), len(x)
-        train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        save_model(
-            model, model_out, {"class_names": ds.class_names, "image_size": image_size, "val_split": 0.15, "test_split": 0.15}
-        )
-    test_records = ds.split("test")
-    test_split = ds.decode(test_records, image_size)
-    xt, yt = test_split.x, test_split.y
+        fitted = fit_keras_recipe(recipe, ds, minutes or AUTO_MINUTES, quick)
+        metadata = {"class_names": ds.class_names, "image_size": fitted["image_size"], "val_split": 0.15, "test_split": 0.15}
+        save_model(fitted["model"], model_out, metadata)
+    train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, image_size, epochs = fitted["model"], fitted["image_size"], fitted["epochs"]
+    test_split = ds.decode(ds.split("test"), image_size)
     keep = scored_by_test_mode(ds, test_split.files, model_out.with_name("simple_cnn.keras"))  # ours trained first
-    xt, yt = xt[keep], yt[keep]
+    xt, yt = test_split.x[keep], test_split.y[keep]
     probabilities = model.predict(make_tf_dataset(xt, yt, 64), verbose=0)
     flops, train_flops = inference_flops(model, image_size), training_flops(model, image_size)
+    correct = int((probabilities.argmax(1) == yt).sum())
     return {
         "recipe": recipe,
         "image_size": image_size,
         "epochs": epochs,
-        "train_images": n_train,
+        "batch_size": fitted["batch_size"],
+        "train_images": fitted["train_images"],
         "test_images": int(len(yt)),
-        "test_accuracy": float((probabilities.argmax(1) == yt).mean()),
-        "train_seconds": round(train_seconds, 1),
-        "decode_seconds": round(decode_seconds, 1),
-        "seconds_per_epoch": round(train_seconds / epochs, 2),
-        "train_images_per_second": round(n_train * epochs / train_seconds, 1),
+        "test_correct": correct,
+        "test_accuracy": correct / len(yt),
+        "scored_test_files": [f for f, k in zip(test_split.files, keep) if k],  # what the peers outside Keras are tested on
+        "train_seconds": round(fitted["train_seconds"], 1),
+        "decode_seconds": round(fitted["decode_seconds"], 1),
+        "seconds_per_epoch": round(fitted["train_seconds"] / epochs, 2),
+        "train_images_per_second": round(fitted["images_trained"] / fitted["train_seconds"], 1),  # a cut epoch counts its part
         "inference_mflops_per_image": round(flops / 1e6, 1),
         "train_mflops_per_image": round(train_flops / 1e6, 1),  # forward and backward
         "peak_rss_mib": round(train_peak / 1024),  # ru_maxrss is in KiB; the whole process, up to the end of training
@@ -281,118 +244,122 @@ def run_feeds(dataset: Path, image_size: int, steps: int = 15, rounds: int = 12)
     }
 
 
-def main() -> None:
+PEERS = ("tutorial", "keras_io", "ultralytics")
+COLUMNS = [  # (key, title, format) of the printed table
+    ("test_accuracy", "test acc", ".3f"),
+    ("test_interval", "95% interval", ""),
+    ("image_size", "px", "d"),
+    ("epochs", "epochs", "d"),
+    ("seconds_per_epoch", "s/epoch", ".1f"),
+    ("train_images_per_second", "img/s", ".0f"),
+    ("peak_mib", "peak MiB", "d"),
+    ("train_mflops_per_image", "train MFLOP", ".0f"),
+    ("inference_mflops_per_image", "infer MFLOP", ".0f"),
+    ("fraction_of_matmul_ceiling", "of ceiling", ".1%"),
+    ("classify_cold_start_seconds", "cold clf s", ".2f"),
+    ("classify_images_per_second", "clf img/s", ".0f"),
+]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, help="a folder of class folders")
     parser.add_argument("--minutes", type=float, help="training budget per recipe (default: ours as the default, see above)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train.json")
     parser.add_argument(
+        "--peers",
+        nargs="*",
+        choices=PEERS,
+        default=list(PEERS),
+        help="the peers to run beside ours (default: all; ultralytics needs bench/peers/install.sh first)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run (the tests'): the tutorial at 64 px, one classify run each, 2 feed rounds; figures not meaningful",
+        help="a smoke run (the tests'): the Keras peers at 64 px, one classify run each, 2 feed rounds; figures not meaningful",
     )
-    parser.add_argument("--run", choices=["simple_cnn", "tutorial", "feeds"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--run", choices=["simple_cnn", *KERAS_RECIPES, "feeds"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--image_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dataset is None:
         sys.exit("give --dataset PATH (a folder of class folders)")
-    if args.run == "feeds":
-        print(
-            json.dumps(
-                run_feeds(args.dataset, args.image_size, steps=4, rounds=2)
-                if args.quick
-                else run_feeds(args.dataset, args.image_size)
-            )
-        )
-        return
-    if args.run:
-        print(json.dumps(run_one(args.run, args.dataset, args.minutes, args.model_out, args.quick)))
-        return
+    return args
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    work = args.output.parent / "train_bench_models"
-    work.mkdir(parents=True, exist_ok=True)
 
-    def child(*flags) -> dict:  # one measurement in a fresh process: its own memory, no leftovers
-        out = subprocess.run([sys.executable, __file__, "--dataset", str(args.dataset), *flags], capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(out.stderr[-3000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
+def child(args, *flags) -> dict:
+    """One measurement in a fresh process (its own memory, no leftovers): its JSON row."""
+    out = subprocess.run([sys.executable, __file__, "--dataset", str(args.dataset), *flags], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    rows = {}
-    for recipe in ("simple_cnn", "tutorial"):
-        model_out = work / f"{recipe}.keras"
-        budget = ("--minutes", str(args.minutes)) if args.minutes else ()
-        rows[recipe] = child("--run", recipe, *budget, "--model_out", str(model_out), *(["--quick"] if args.quick else []))
-        # Classifying with each trained model through our CLI: ours has its LiteRT copy;
-        # the tutorial's model has none, so it runs on Keras, as the tutorial does.
-        if args.quick:  # one classify process, not two: its time stands in for the cold start
-            started = time.perf_counter()
-            batch = throughput(model_out, args.dataset)
-            cold = [time.perf_counter() - started]
-        else:
-            one_image = next(p for p in sorted(args.dataset.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-            cold = cold_start(model_out, one_image, repeats=3)
-            batch = throughput(model_out, args.dataset)
-        rows[recipe] |= {
-            "classify_runtime": batch["runtime"],
-            "classify_cold_start_seconds": round(sorted(cold)[len(cold) // 2], 2),  # the median
-            "classify_images_per_second": batch["images_per_second"],
-        }
-        print(f"{recipe}: done", file=sys.stderr)
-    feeds = child("--run", "feeds", "--image_size", str(rows["simple_cnn"]["image_size"]), *(["--quick"] if args.quick else []))
-    print("input pipeline: done", file=sys.stderr)
 
-    from simple_cnn.quiet import import_tensorflow
-
-    import_tensorflow()
-    ceiling = matmul_gflops(1024 if args.quick else 4096)
-    for row in rows.values():
-        achieved = row["train_mflops_per_image"] * 1e6 * row["train_images_per_second"] / 1e9
-        # Not rounded: a tiny model on a busy machine reaches well under 0.1%, which
-        # rounding to 3 places turned into 0 (the table formats it for people).
-        row["achieved_gflops"] = float(f"{achieved:.4g}")
-        row["fraction_of_matmul_ceiling"] = float(f"{achieved / ceiling:.4g}")
-
-    ours, base = rows["simple_cnn"], rows["tutorial"]
-    report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "dataset": str(args.dataset),
-        "minutes_per_recipe": args.minutes or AUTO_MINUTES,
-        "ours_as_default": args.minutes is None,
-        "matmul_ceiling_gflops": round(ceiling, 1),
-        "results": rows,
-        "ratios_simple_cnn_over_tutorial": {
-            k: round(ours[k] / base[k], 2)
-            for k in (
-                "test_accuracy",
-                "train_images_per_second",
-                "peak_rss_mib",
-                "train_mflops_per_image",
-                "classify_cold_start_seconds",
-                "classify_images_per_second",
-            )
-        },
-        "input_pipeline": feeds,
+def keras_row(args, recipe: str, work: Path) -> dict:
+    """A Keras recipe trained and tested in a child process, then classified with through our CLI:
+    ours has its LiteRT copy; a peer's model has none, so it runs on Keras, as its example does."""
+    model_out = work / f"{recipe}.keras"
+    budget = ("--minutes", str(args.minutes)) if args.minutes else ()
+    row = child(args, "--run", recipe, *budget, "--model_out", str(model_out), *(["--quick"] if args.quick else []))
+    if args.quick:  # one classify process, not two: its time stands in for the cold start
+        started = time.perf_counter()
+        batch = throughput(model_out, args.dataset)
+        cold = [time.perf_counter() - started]
+    else:
+        one_image = next(p for p in sorted(args.dataset.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        cold = cold_start(model_out, one_image, repeats=3)
+        batch = throughput(model_out, args.dataset)
+    return row | {
+        "classify_runtime": batch["runtime"],
+        "classify_cold_start_seconds": round(sorted(cold)[len(cold) // 2], 2),  # the median
+        "classify_images_per_second": batch["images_per_second"],
     }
-    cols = [
-        ("test_accuracy", "test acc", ".3f"),
-        ("epochs", "epochs", "d"),
-        ("seconds_per_epoch", "s/epoch", ".1f"),
-        ("train_images_per_second", "img/s", ".0f"),
-        ("peak_rss_mib", "peak RSS MiB", "d"),
-        ("train_mflops_per_image", "train MFLOP", ".0f"),
-        ("inference_mflops_per_image", "infer MFLOP", ".0f"),
-        ("fraction_of_matmul_ceiling", "of ceiling", ".1%"),
-        ("classify_cold_start_seconds", "cold clf s", ".2f"),
-        ("classify_images_per_second", "clf img/s", ".0f"),
-    ]
-    print(f"{'recipe':11}" + "".join(f"{title:>13}" for _, title, _ in cols))
+
+
+def ultralytics_rows(args, work: Path, ours: dict) -> dict:
+    """Ultralytics at its own default image size and at ours, on our split exported to its layout."""
+    from simple_cnn.dataset import ImageDataset
+
+    root = export_split(ImageDataset.scan(args.dataset), ours["scored_test_files"], work / "ultralytics_data")
+    rows = {}
+    for size in (None, ours["image_size"]):
+        row = run_ultralytics(root, args.minutes or AUTO_MINUTES, size, work / "ultralytics", args.quick)
+        rows[row["recipe"]] = row
+        print(f"{row['recipe']}: done", file=sys.stderr)
+    return rows
+
+
+def add_derived(rows: dict, ceiling: float) -> None:
+    """Each row's test interval (Wilson), its peak memory in training (Ultralytics': with its data-loading
+    workers, by their proportional set sizes) and, where its FLOPs were counted, the fraction of the ceiling."""
+    from simple_cnn.metrics import wilson_interval
+
+    for row in rows.values():
+        row["test_interval"] = [round(v, 3) for v in wilson_interval(row["test_correct"], row["test_images"])]
+        row["peak_mib"] = row.get("peak_pss_mib_with_workers") or row["peak_rss_mib"]
+        if row.get("train_mflops_per_image"):
+            achieved = row["train_mflops_per_image"] * 1e6 * row["train_images_per_second"] / 1e9
+            # Not rounded: a tiny model on a busy machine reaches well under 0.1%, which
+            # rounding to 3 places turned into 0 (the table formats it for people).
+            row["achieved_gflops"] = float(f"{achieved:.4g}")
+            row["fraction_of_matmul_ceiling"] = float(f"{achieved / ceiling:.4g}")
+
+
+def cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"  # not measured for this peer (Ultralytics' FLOPs are not counted by TensorFlow)
+    return "-".join(f"{v:.3f}" for v in value) if key == "test_interval" else f"{value:{fmt}}"
+
+
+def print_table(rows: dict, feeds: dict, ceiling: float, args) -> None:
+    print(f"{'recipe':16}" + "".join(f"{title:>13}" for _, title, _ in COLUMNS))
     for name, row in rows.items():
-        print(f"{name:11}" + "".join(f"{row[key]:>13{fmt}}" for key, _, fmt in cols))
-    ratio = "  ".join(f"{k}: {v:g}" for k, v in report["ratios_simple_cnn_over_tutorial"].items())
-    print(f"simple_cnn / tutorial: {ratio}")
+        print(f"{name:16}" + "".join(f"{cell(row, key, fmt):>13}" for key, _, fmt in COLUMNS))
+    ours = rows["simple_cnn"]
+    points = {name: 100 * (ours["test_accuracy"] - row["test_accuracy"]) for name, row in rows.items() if row is not ours}
+    ahead = "  ".join(f"{name}: {value:+.1f}" for name, value in points.items())
+    print(f"simple_cnn ahead by, in points of test accuracy: {ahead}")
     budget = "ours as the default" if args.minutes is None else "ours with --max_minutes"
     print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {args.minutes or AUTO_MINUTES:g} min per recipe ({budget}) on {args.dataset}")
 
@@ -409,6 +376,52 @@ def main() -> None:
         f"decoding the JPEGs once: {feeds['decode_images_per_second']:.0f} images/s, "
         f"cache {feeds['cache_mb']:.0f} MB"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.run == "feeds":
+        steps_rounds = (4, 2) if args.quick else (15, 12)
+        print(json.dumps(run_feeds(args.dataset, args.image_size, *steps_rounds)))
+        return
+    if args.run:
+        print(json.dumps(run_one(args.run, args.dataset, args.minutes, args.model_out, args.quick)))
+        return
+
+    if "ultralytics" in args.peers:
+        require_ultralytics()  # before the first half hour, not after it
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    work = args.output.parent / "train_bench_models"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for recipe in ("simple_cnn", *[p for p in args.peers if p in KERAS_RECIPES]):
+        rows[recipe] = keras_row(args, recipe, work)
+        print(f"{recipe}: done", file=sys.stderr)
+    if "ultralytics" in args.peers:
+        rows |= ultralytics_rows(args, work, rows["simple_cnn"])
+    quick = ["--quick"] if args.quick else []
+    feeds = child(args, "--run", "feeds", "--image_size", str(rows["simple_cnn"]["image_size"]), *quick)
+    print("input pipeline: done", file=sys.stderr)
+
+    from simple_cnn.quiet import import_tensorflow
+
+    import_tensorflow()
+    ceiling = matmul_gflops(1024 if args.quick else 4096)
+    add_derived(rows, ceiling)
+    ours = rows["simple_cnn"]
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "dataset": str(args.dataset),
+        "minutes_per_recipe": args.minutes or AUTO_MINUTES,
+        "ours_as_default": args.minutes is None,
+        "matmul_ceiling_gflops": round(ceiling, 1),
+        "results": {name: {k: v for k, v in row.items() if k != "scored_test_files"} for name, row in rows.items()},
+        "points_ahead_of_each_peer": {
+            name: round(100 * (ours["test_accuracy"] - row["test_accuracy"]), 1) for name, row in rows.items() if row is not ours
+        },
+        "input_pipeline": feeds,
+    }
+    print_table(rows, feeds, ceiling, args)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
 

@@ -37,10 +37,10 @@ def _direct(infile: Path) -> list[Requirement]:
     return [Requirement(ln) for ln in lines if ln and not ln.startswith("-")]
 
 
-@pytest.mark.parametrize("name", ["requirements", "requirements-dev", "requirements-gpu"])
+@pytest.mark.parametrize("name", ["requirements", "requirements-dev", "requirements-gpu", "bench/peers/requirements"])
 def test_compiled_requirements_match_their_in_file(name):
     """Fails when a .in file was edited without recompiling (see docs/development.md, Dependencies)."""
-    infile, txt = REPO / f"{name}.in", REPO / f"{name}.txt"
+    infile, txt = REPO / f"{name}.in", REPO / f"{name}.txt"  # bench/peers: the peers benchmark's own (bench/peers/install.sh)
     pins = _pins(txt)
     direct = _direct(infile)
     for req in direct:
@@ -71,10 +71,11 @@ def test_package_dependencies_admit_the_locked_versions():
 
 def test_lock_files_name_no_package_index():
     """Lock files and their sources say how to recompile (scripts/lock), not where from."""
-    for path in [*REPO.glob("requirements*.in"), *REPO.glob("requirements*.txt"), REPO / "README.md", *REPO.glob("docs/*.md")]:
+    locks = [*REPO.glob("requirements*.in"), *REPO.glob("requirements*.txt"), *REPO.glob("bench/peers/requirements.*")]
+    for path in [*locks, REPO / "README.md", *REPO.glob("docs/*.md")]:
         text = path.read_text()
         assert not re.search(r"--(extra-)?index-url|--find-links|https?://[^\s]*/simple", text), path.name
-    for txt in REPO.glob("requirements*.txt"):
+    for txt in [*REPO.glob("requirements*.txt"), REPO / "bench/peers/requirements.txt"]:
         assert "scripts/lock" in txt.read_text()[:400], f"{txt.name} was not compiled by scripts/lock"
 
 
@@ -96,7 +97,7 @@ def _tool(name: str) -> str | None:
 @pytest.mark.parametrize(
     "tool, args",
     [
-        ("shellcheck", ["download_datasets.sh", ".ci/run", "scripts/lock", "scripts/prune-slim"]),
+        ("shellcheck", ["download_datasets.sh", ".ci/run", "scripts/lock", "scripts/prune-slim", "bench/peers/install.sh"]),
         ("hadolint", ["--failure-threshold", "warning", "Dockerfile"]),
     ],
 )
