@@ -363,3 +363,54 @@ def test_importing_tensorflow_loads_no_scikit_learn_until_it_is_used():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "1.0"
+
+
+ARENA_PROBE = """
+import ctypes, os, sys, tempfile
+from concurrent.futures import ThreadPoolExecutor
+if sys.argv[1] == "simple_cnn":
+    from simple_cnn.quiet import import_tensorflow
+    tf = import_tensorflow()
+else:
+    import tensorflow as tf
+x = tf.random.uniform((32, 64, 64, 16))  # work in TensorFlow's thread pools
+for _ in range(3):
+    tf.nn.conv2d(x, tf.random.uniform((3, 3, 16, 16)), 1, "SAME").numpy()
+with ThreadPoolExecutor(8) as pool:  # and in threads of Python's, each allocating from malloc
+    list(pool.map(lambda _: [bytearray(4096) for _ in range(2000)], range(64)))
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+path = tempfile.mktemp()
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(open(path).read().count("<heap nr="))  # one per arena (glibc's malloc_info)
+os.unlink(path)
+"""
+
+
+def _arenas(how: str, env: dict | None = None) -> int:
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", ARENA_PROBE, how], capture_output=True, text=True, timeout=120, env={**environment, **(env or {})}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "malloc_info"), reason="glibc's malloc only")
+def test_tensorflow_imported_through_simple_cnn_keeps_few_malloc_arenas():
+    """Each arena keeps memory its threads freed: with glibc's default of up to eight per core,
+    TensorFlow's thread pools hold more at training's peak (quiet.limit_malloc_arenas)."""
+    from simple_cnn.quiet import MALLOC_ARENAS
+
+    assert _arenas("simple_cnn") <= MALLOC_ARENAS
+    assert _arenas("plain") > MALLOC_ARENAS  # the probe does make more threads allocate
+    assert _arenas("simple_cnn", {"MALLOC_ARENA_MAX": "1"}) == 1  # the user's own setting wins

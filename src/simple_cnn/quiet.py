@@ -6,13 +6,26 @@ does not hide them; LiteRT prints "Created TensorFlow Lite XNNPACK delegate" the
 way. When that variable is "3" (the CLI sets it unless ``--verbose``), these steps run
 with fd 2 pointed at /dev/null. Every TensorFlow or Keras import in simple_cnn goes
 through :func:`import_keras` or :func:`import_tensorflow`.
+
+Importing TensorFlow this way also keeps it lean: scikit-learn stays out of Keras' import
+(:func:`sklearn_deferred`), and glibc's malloc keeps at most :data:`MALLOC_ARENAS` arenas
+for TensorFlow's threads (:func:`limit_malloc_arenas`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
+
+# glibc's malloc gives each thread that contends for memory an arena of its own, up to eight
+# per core, and each keeps freed memory for reuse; TensorFlow's thread pools fill several.
+# Two arenas lower the training peak at no measured cost in speed (bench/README.md,
+# "Memory: malloc arenas"). MALLOC_ARENA_MAX in the environment, read by glibc at start-up,
+# takes precedence.
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @contextlib.contextmanager
@@ -32,8 +45,24 @@ def native_stderr_hidden():
         os.close(devnull)
 
 
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas for the threads this process starts from now on; whether it did.
+
+    Not on a C library without glibc's ``mallopt`` (musl's ignores it), nor when the
+    environment sets ``MALLOC_ARENA_MAX`` itself.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(M_ARENA_MAX, arenas) == 1
+
+
 def import_tensorflow():
     if "tensorflow" not in sys.modules:
+        limit_malloc_arenas()  # before TensorFlow starts its thread pools
         with native_stderr_hidden(), sklearn_deferred():  # importing TensorFlow imports Keras
             import tensorflow
         if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
