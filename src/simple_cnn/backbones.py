@@ -52,6 +52,7 @@ class Backbone:
         Read from Keras' own module: Keras has no public call that gives them, and reading
         them keeps the hash the one Keras pins, for whatever Keras version is installed.
         """
+        import_keras()  # the module imports Keras, and with it TensorFlow: through quiet.py's gate
         module = importlib.import_module(f"keras.src.applications.{self.module}")
         base = getattr(module, "BASE_WEIGHT_PATH", None) or module.BASE_WEIGHTS_PATH
         base = os.environ.get(MIRROR_VARIABLE) or base
