@@ -7,9 +7,11 @@ many of the top N are planted, both with Wilson intervals, the list's length and
 minutes. The unplanted suspects at the top (real flower_photos labels the audit doubts)
 are drawn as a contact sheet for a person to judge.
 
-    python bench/audit_bench.py --dataset ../shared/datasets/flower_photos-small [--seed 1] [--max_minutes 10]
+    python bench/audit_bench.py --dataset ../shared/datasets/flower_photos-small [--seed 1] [--max_minutes 10] [-- AUDIT ARGS]
 
-Writes bench/results/audit-<dataset>-<seed>.json and a contact sheet beside it.
+Arguments after ``--`` go to the audit command (for instance ``-- --image_size 96``).
+Writes bench/results/audit-<dataset>-<seed>.json (with ``--name``, audit-<name>-<seed>.json)
+and a contact sheet beside it.
 """
 
 from __future__ import annotations
@@ -69,13 +71,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max_minutes", type=float)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", help="the results' name (default: the dataset's folder name)")
+    parser.add_argument("extra", nargs="*", help="arguments for the audit command (after --)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         planted = plant(args.dataset.resolve(), work / "data", args.seed)
         budget = ["--max_minutes", str(args.max_minutes)] if args.max_minutes else []
+        audit_args = [*budget, *args.extra]
         started = time.monotonic()
-        command = [sys.executable, "-m", "simple_cnn", "--mode", "audit", "--dataset_path", "data", *budget, "--json"]
+        command = [sys.executable, "-m", "simple_cnn", "--mode", "audit", "--dataset_path", "data", *audit_args, "--json"]
         result = subprocess.run(command, capture_output=True, text=True, cwd=work)
         if result.returncode != 0:
             sys.exit(result.stderr[-2000:])
@@ -86,12 +91,13 @@ def main() -> None:
         hits = sum(s["file"] in planted for s in top)
         right_suggestion = sum(planted.get(s["file"]) == s["suggested"] for s in top)
         unplanted = [s for s in found["label_issues"] if s["file"] not in planted][:20]
-        name = f"audit-{args.dataset.name}-{args.seed}"
+        name = f"audit-{args.name or args.dataset.name}-{args.seed}"
         args.results.mkdir(parents=True, exist_ok=True)
         contact_sheet(work / "data", unplanted, args.results / f"{name}-unplanted-top20.png")
     figures = {
         "dataset": args.dataset.name,
         "seed": args.seed,
+        "audit_args": args.extra,
         "images": found["audited_images"],
         "planted": n,
         "listed": len(found["label_issues"]),

@@ -178,6 +178,31 @@ class _Remembered:
         self.epochs = epochs
 
 
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_the_training_step_is_traced_once(monkeypatch, multi_label):
+    """The optimizer's and metrics' variables exist before fit (model.build_training_variables):
+    a training step that creates them while it is traced is traced a second time."""
+    from simple_cnn.config import TrainConfig
+    from simple_cnn.distribute import Cluster
+    from simple_cnn.pipeline import make_tf_dataset
+    from simple_cnn.train import compile_model
+
+    network = model_lib.build_model(3, 32, augment=True, multi_label=multi_label)
+    compile_model(network, TrainConfig(), Cluster("none", None))
+    traced, step = [], type(network).train_step
+
+    def counting_step(self, data):
+        traced.append(1)
+        return step(self, data)
+
+    monkeypatch.setattr(type(network), "train_step", counting_step)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 40)
+    y = np.eye(3, dtype=np.float32)[labels] if multi_label else labels
+    history = network.fit(make_tf_dataset(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y, 16), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and len(traced) == 1
+
+
 def test_the_schedule_stops_before_an_epoch_would_overrun_the_budget():
     from simple_cnn.schedule import Plan, Schedule
 

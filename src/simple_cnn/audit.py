@@ -149,7 +149,7 @@ def state_folder(images_dir: Path, data: Split, fold, size, config: TrainConfig,
 def fit_and_score(data: Split, train: np.ndarray, held: np.ndarray, classes: int, size: int, config: TrainConfig, seconds):
     """Train the default network on ``train`` rows for ``seconds`` (the schedule chooses the epochs), score ``held``."""
     from .callbacks import SafePoints
-    from .model import build_model, view_probabilities
+    from .model import build_model, build_training_variables, view_probabilities
     from .pipeline import make_tf_dataset
     from .quiet import import_keras
     from .schedule import Plan, Schedule
@@ -160,6 +160,7 @@ def fit_and_score(data: Split, train: np.ndarray, held: np.ndarray, classes: int
     model.compile(
         keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay), "sparse_categorical_crossentropy"
     )
+    build_training_variables(model)
     batch = config.batch_for(size)
     x, y = data.x[train], data.y[train]
     batches = make_tf_dataset(x, y, batch, shuffle=True, seed=config.seed)

@@ -131,3 +131,18 @@ def view_probabilities(model, images, **predict_options) -> np.ndarray:
     else:  # MirrorBatch put the images first and their mirrors after them
         views = ops.stack(ops.split(per_view, 2, axis=0), axis=1)
     return keras.Model(model.inputs, views).predict(images, verbose=0, **predict_options)
+
+
+def build_training_variables(model, multi_label: bool = False) -> None:
+    """Create the compiled model's optimizer and metric variables now, before ``fit``.
+
+    Under a distribution strategy Keras does this itself before training; without one it
+    leaves them to the first trace of the training step, and a ``tf.function`` that creates
+    variables while it traces is traced a second time: the slowest part of a short run's
+    start, twice (bench/README.md, "Tracing the training step once"). Keras has no public
+    call for it; ``_symbolic_build`` is the one its own strategy path makes, from symbolic
+    shapes, so no image is read.
+    """
+    keras = import_keras()
+    labels = keras.KerasTensor((None, model.output_shape[-1]), "float32") if multi_label else keras.KerasTensor((None,), "int64")
+    model._symbolic_build(data_batch=(keras.KerasTensor(model.inputs[0].shape, "float32"), labels))

@@ -26,7 +26,7 @@ from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClusterConfig, TrainConfi
 from .dataset import SPLIT_SALT, ImageDataset, Split
 from .files import ensure_free_space, ensure_writable_dir
 from .formats import LITERT_SHA256, check_model_path, fingerprints_member, save_model, write_tflite
-from .model import build_model
+from .model import build_model, build_training_variables
 from .pipeline import make_tf_dataset
 from .quiet import import_keras, import_tensorflow
 from .results import TrainResult, WorkerResult
@@ -174,6 +174,7 @@ def compile_model(model, config: TrainConfig, cluster: distribute.Cluster) -> No
             # multi-label: the share of right label decisions at 0.5, under the history's usual name
             metrics=[keras.metrics.BinaryAccuracy(name="accuracy") if multi_label else "accuracy"],
         )
+        build_training_variables(model, multi_label)
     cluster.prepare_model(model)
 
 
