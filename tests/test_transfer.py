@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import json
+import re
 import socket
 import threading
 import urllib.request
@@ -79,6 +80,7 @@ def test_init_from_beats_training_from_scratch_on_few_images_of_new_classes(pret
     tuned = run_cli(*common, "--model_file_path", "models/tuned.keras", "--init_from", "models/old.keras", cwd=work)
     assert tuned.returncode == 0, tuned.stderr
     assert "Training the new head alone" in tuned.stderr
+    assert not re.search(r"\w+Warning: ", tuned.stderr), tuned.stderr  # no Python warning (Keras' on shuffle was one)
     from simple_cnn.formats import read_metadata
 
     start = read_metadata(work / "models" / "tuned.keras")["start"]

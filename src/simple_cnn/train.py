@@ -212,6 +212,7 @@ def fit_head(model, train: Split, config: TrainConfig, cluster) -> float:
         model.fit(
             cluster.prepare_dataset(ds.repeat()),
             epochs=transfer.HEAD_EPOCHS,
+            shuffle=False,  # as in fit: the tf.data pipeline shuffles
             steps_per_epoch=math.ceil(len(train) / global_batch),
             callbacks=[SafePoints()],
             verbose=1 if sys.stderr.isatty() else 2,
