@@ -77,14 +77,14 @@ def synthetic(name: str, rng: np.random.Generator, side: int = 160) -> np.ndarra
 
 def costs(model_path: Path, photos: Path) -> dict:
     """Bytes and one image's LiteRT latency with and without the distance; the fit's seconds."""
-    from simple_cnn import formats, unknown
+    from simple_cnn import converters, formats, unknown
     from simple_cnn.dataset import ImageDataset
     from simple_cnn.runtime import LiteRT
 
     model, metadata = formats.load_model(model_path)
     detector = unknown.read_detector(model_path)
-    plain = formats.litert_bytes(model, metadata)
-    with_distance = formats.litert_bytes(unknown.inference_network(model, detector), metadata)
+    plain = converters.litert_bytes(model, metadata)
+    with_distance = converters.litert_bytes(unknown.inference_network(model, detector), metadata)
     x = np.zeros((1, metadata["image_size"], metadata["image_size"], 3), np.uint8)
     latency = {}
     for name, content in (("without", plain), ("with", with_distance)):

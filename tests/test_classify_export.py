@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import CLASSES, add_copies, assert_one_line_error, bomb_png, run_cli
-from simple_cnn.formats import load_model, read_metadata, save_model
+from simple_cnn.formats import load_model, read_metadata, save_model, tflite_path
 from simple_cnn.images import read_image
 from simple_cnn.runtime import Predictor
 
@@ -74,6 +74,14 @@ def test_litert_and_keras_agree(trained, new_images):
     got = lite(x)
     np.testing.assert_allclose(got, expected, atol=1e-3)
     assert (got.argmax(1) == expected.argmax(1)).all()
+    # The copy's signature, as a device's signature runner calls it (converters._described writes it)
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(tflite_path(model_path))).get_signature_runner("serving_default")
+    outputs = runner(image=x.astype(np.float32))
+    assert sorted(outputs) == ["output_0", "output_1"]  # the probabilities, then the unknown distance
+    np.testing.assert_allclose(outputs["output_0"], expected, atol=1e-3)
+    assert outputs["output_1"].shape == (len(x), 1) and (outputs["output_1"] > 0).all()
 
 
 def test_stale_litert_copy_falls_back_to_keras(trained, tmp_path, caplog):

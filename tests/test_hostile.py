@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import conftest
 from conftest import assert_one_line_error, make_shapes_dataset, run_cli, shape_image, start_cli
-from simple_cnn import formats, images
+from simple_cnn import converters, formats, images
 from simple_cnn.dataset import ImageDataset
 from simple_cnn.images import PixelBudget, decode_images
 
@@ -74,7 +74,7 @@ def test_planted_litert_copy_is_not_used(model, tmp_path):
     metadata = formats.read_metadata(model_path)
     embedded = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
     attacker = build_model(3, 24)  # another network; its metadata copied from the real one
-    formats.write_tflite(attacker, tmp_path / "planted.keras", embedded)
+    converters.write_tflite(attacker, tmp_path / "planted.keras", embedded)
     os.replace(tmp_path / "planted.tflite", tmp_path / "m.tflite")
     assert formats.read_tflite_metadata(tmp_path / "m.tflite") == embedded
     answer, stderr = _classify_json(model, model_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats, multilabel, unknown
+from . import converters, formats, multilabel, unknown
 from .dataset import ImageDataset
 from .errors import DataError
 from .results import ExportResult
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 300  # training images that calibrate int8 activations
 
-WRITERS = {"tflite": formats.write_tflite, "savedmodel": formats.write_savedmodel, "onnx": formats.write_onnx}
+WRITERS = {"tflite": converters.write_tflite, "savedmodel": converters.write_savedmodel, "onnx": converters.write_onnx}
 
 
 def export(model_path, fmt: str, quantize: str | None = None, dataset_path=None, labels=None) -> ExportResult:
@@ -36,13 +36,13 @@ def export(model_path, fmt: str, quantize: str | None = None, dataset_path=None,
         raise DataError(f"unknown export format {fmt}: choose one of {', '.join(WRITERS)}")
     model, metadata = formats.load_model(model_path)
     if quantize:
-        if fmt != "tflite" or quantize not in formats.QUANTIZATIONS:
-            raise DataError(f"--quantize takes {' or '.join(formats.QUANTIZATIONS)}, with --format tflite")
+        if fmt != "tflite" or quantize not in converters.QUANTIZATIONS:
+            raise DataError(f"--quantize takes {' or '.join(converters.QUANTIZATIONS)}, with --format tflite")
         return export_quantized(model, metadata, Path(model_path), quantize, dataset_path, labels)
-    if fmt == "tflite":  # bind the model file to its new LiteRT copy (see formats.write_tflite)
+    if fmt == "tflite":  # bind the model file to its new LiteRT copy (see converters.write_tflite)
         plain = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
         network, embedded = unknown.for_litert(model, model_path, plain)
-        path, digest = formats.write_tflite(network, model_path, embedded)
+        path, digest = converters.write_tflite(network, model_path, embedded)
         formats.rewrite_metadata(model_path, metadata | {formats.LITERT_SHA256: digest})
         files = [str(path)]
     else:
@@ -78,11 +78,12 @@ def export_quantized(model, metadata: dict, model_path: Path, quantize: str, dat
         calibration = dataset.decode([train[i] for i in sorted(pick)], size).x
     plain = {k: v for k, v in metadata.items() if k != formats.LITERT_SHA256}
     network, embedded = unknown.for_litert(model, model_path, plain | {"quantization": quantize}, quantize)
-    path, _ = formats.write_tflite(network, model_path, embedded, quantize, calibration)
+    path, _ = converters.write_tflite(network, model_path, embedded, quantize, calibration)
     test = dataset.test_split(size, formats.read_fingerprints(model_path))
     x, y = test.x, test.y
     # The float32 LiteRT model: the copy training wrote, if it is the verified one; else converted in memory.
-    reference = verified_litert_copy(model_path, metadata) or formats.litert_bytes(*unknown.for_litert(model, model_path, plain))
+    reference = verified_litert_copy(model_path, metadata)
+    reference = reference or converters.litert_bytes(*unknown.for_litert(model, model_path, plain))
     thresholds = multilabel.thresholds_of(metadata)
     measured = {"float32": measure(LiteRT(reference), len(reference), x, y, thresholds)}
     measured[quantize] = measure(LiteRT(path.read_bytes()), path.stat().st_size, x, y, thresholds)

@@ -22,14 +22,13 @@ The class names, input size and split settings travel inside every file (the
 - ONNX (``cnn_model.onnx``): converted by tf2onnx; the metadata JSON is in the model's
   ``metadata_props`` (key ``simple_cnn``), plus ``cnn_model.labels.txt``.
 
-Every file is written atomically (``files.atomic_output``, ``files.atomic_dir``).
+Every file is written atomically (``files.atomic_output``, ``files.atomic_dir``); the LiteRT,
+SavedModel and ONNX files are converted and written by ``converters.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import shutil
 import zipfile
@@ -37,9 +36,8 @@ from pathlib import Path
 
 from .duplicates import Fingerprints
 from .errors import DataError, UsageError
-from .files import atomic_dir, atomic_output, read_regular
-from .images import MAX_PIXELS
-from .quiet import import_keras, import_tensorflow, native_stderr_hidden
+from .files import atomic_output, read_regular
+from .quiet import import_keras
 
 MODEL_SUFFIXES = (".keras", ".h5")
 METADATA_MEMBER = "simple_cnn.json"  # an extra member of the .keras zip archive
@@ -243,74 +241,6 @@ def labels_path(model_path) -> Path:
     return Path(model_path).with_suffix(".labels.txt")
 
 
-@contextlib.contextmanager
-def _converter_quiet():
-    """TensorFlow's converters print pages of graph details to stdout and stderr."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
-QUANTIZATIONS = ("float16", "int8")
-
-
-def quantized_path(model_path, quantize: str) -> Path:
-    """``models/cnn_model.keras`` -> ``models/cnn_model.int8.tflite``."""
-    return Path(model_path).with_suffix(f".{quantize}.tflite")
-
-
-def litert_bytes(model, metadata: dict, quantize: str | None = None, calibration=None) -> bytes:
-    """``model`` converted to LiteRT with ``metadata`` inside; optionally quantized.
-
-    ``quantize``: ``float16`` stores the weights as float16 (half the size, computed in
-    float32); ``int8`` quantizes weights and activations to 8-bit integers, calibrated
-    on ``calibration`` (uint8 images, a few hundred training images), with float32
-    input and output so that every caller feeds pixels and reads probabilities as usual.
-    """
-    tf = import_tensorflow()
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if quantize:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantize == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantize == "int8":
-        converter.representative_dataset = lambda: ([calibration[i : i + 1].astype("float32")] for i in range(len(calibration)))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with _converter_quiet(), native_stderr_hidden():  # the int8 calibrator also writes to fd 2 from C++
-        flat = converter.convert()
-    return _with_metadata(flat, metadata)
-
-
-def write_tflite(model, model_path, metadata: dict, quantize: str | None = None, calibration=None) -> tuple[Path, str]:
-    """Convert ``model`` to LiteRT beside ``model_path``, with ``metadata`` inside (see :func:`litert_bytes`).
-
-    Returns the path and the file's SHA-256, which the caller stores in the model
-    file's metadata (``LITERT_SHA256``): classify runs a LiteRT copy only when its bytes
-    have exactly that digest, so a ``.tflite`` planted beside a model is never used.
-    A quantized copy goes to :func:`quantized_path`, used only when named explicitly.
-    """
-    content = litert_bytes(model, metadata, quantize, calibration)
-    path = quantized_path(model_path, quantize) if quantize else tflite_path(model_path)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(content)
-    return path, hashlib.sha256(content).hexdigest()
-
-
-def _with_metadata(flat: bytes, metadata: dict) -> bytes:
-    """A LiteRT flatbuffer with ``metadata`` (JSON) appended to its ``metadata`` list."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    tree = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
-    buffer = schema.BufferT()
-    buffer.data = list(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
-    tree.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = TFLITE_METADATA_NAME
-    entry.buffer = len(tree.buffers) - 1
-    tree.metadata = [*(tree.metadata or []), entry]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
-
-
 def read_verified(path: Path, sha256: str | None, limit: int = 1 << 30) -> bytes | None:
     """The bytes of ``path`` if they have the SHA-256 ``sha256``; else None.
 
@@ -360,90 +290,3 @@ def write_labels(model_path, metadata: dict) -> list[Path]:
     with atomic_output(thresholds) as tmp:
         tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return [path, thresholds]
-
-
-def _declared_pixels(tf, data):
-    """Width x height as an encoded image's header declares it, read before decoding (TF ops).
-
-    JPEG (from its frame header), PNG, GIF and BMP; any other bytes count as too many, so
-    that ``decode_image`` never allocates for a decompression bomb or an unknown format.
-    """
-    head = tf.cast(tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, b"\0" * 32]), 0, 32), tf.uint8), tf.int64)
-
-    def big_endian32(i):
-        return head[i] * 2**24 + head[i + 1] * 2**16 + head[i + 2] * 2**8 + head[i + 3]
-
-    def little_endian(i, n):
-        value = sum(head[i + k] * 256**k for k in range(n))
-        return tf.abs(tf.where(value >= 2 ** (8 * n - 1), value - 2 ** (8 * n), value)) if n == 4 else value
-
-    def starts(prefix):
-        return tf.equal(tf.strings.substr(data, 0, len(prefix)), prefix)
-
-    too_many = tf.constant(MAX_PIXELS + 1, tf.int64)
-    jpeg = tf.cond(
-        starts(b"\xff\xd8"), lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)), lambda: too_many
-    )
-    return tf.case(
-        [
-            (starts(b"\x89PNG\r\n\x1a\n"), lambda: big_endian32(16) * big_endian32(20)),
-            (starts(b"GIF8"), lambda: little_endian(6, 2) * little_endian(8, 2)),
-            (starts(b"BM"), lambda: little_endian(18, 4) * little_endian(22, 4)),
-        ],
-        default=lambda: jpeg,
-    )
-
-
-def write_savedmodel(model, model_path, metadata: dict) -> Path:
-    tf = import_tensorflow()
-    import keras
-
-    size, names = metadata["image_size"], metadata["class_names"]
-    labels = tf.constant(names)
-
-    def outputs(pixels):
-        p = model(pixels, training=False)
-        return {"probabilities": p, "classes": tf.gather(labels, tf.argmax(p, axis=1)), "scores": tf.reduce_max(p, axis=1)}
-
-    def decode(data):
-        pixels = _declared_pixels(tf, data)
-        check = tf.debugging.assert_less_equal(
-            pixels,
-            tf.constant(MAX_PIXELS, tf.int64),
-            message=f"refused: not a JPEG, PNG, GIF or BMP, or over {MAX_PIXELS:,} pixels",
-        )
-        with tf.control_dependencies([check]):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
-
-    def serve_bytes(image_bytes):
-        return outputs(tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32))
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", serve_bytes, [tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint("pixels", outputs, [tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
-    target = Path(model_path).with_name(Path(model_path).stem + "_savedmodel")
-    with atomic_dir(target) as tmp:  # the old export stays whole until the new one is complete
-        with _converter_quiet():
-            archive.write_out(str(tmp), verbose=False)
-        (tmp / "assets").mkdir(exist_ok=True)
-        (tmp / "assets" / "labels.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-        (tmp / "assets" / "simple_cnn.json").write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
-    return target
-
-
-def write_onnx(model, model_path, metadata: dict) -> Path:
-    tf = import_tensorflow()
-    import tf2onnx
-
-    size = metadata["image_size"]
-    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="image"),)
-    with _converter_quiet():
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "simple_cnn", json.dumps(metadata, ensure_ascii=False)
-    path = Path(model_path).with_suffix(".onnx")
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
-    return path

@@ -23,9 +23,10 @@ import numpy as np
 from . import __version__, calibration, distribute, interrupts, multilabel, plots, report, transfer, unknown
 from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClusterConfig, TrainConfig
+from .converters import write_tflite
 from .dataset import SPLIT_SALT, ImageDataset, Split
 from .files import ensure_free_space, ensure_writable_dir
-from .formats import LITERT_SHA256, check_model_path, fingerprints_member, save_model, write_tflite
+from .formats import LITERT_SHA256, check_model_path, fingerprints_member, save_model
 from .model import build_model, build_training_variables
 from .pipeline import make_tf_dataset
 from .quiet import import_keras, import_tensorflow
@@ -395,7 +396,7 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
         network = unknown.inference_network(model, detector) if detector else model
         path, digest = write_tflite(network, result.model_file_path, metadata)
         result.tflite_file_path = str(path)
-        metadata[LITERT_SHA256] = digest  # classify runs that copy only (formats.write_tflite)
+        metadata[LITERT_SHA256] = digest  # classify runs that copy only (converters.write_tflite)
     except Exception as e:  # noqa: BLE001 (any converter failure only costs speed)
         log.warning(f"could not write the LiteRT copy of the model ({str(e).splitlines()[0] if str(e) else e!r})")
     members = fingerprints_member(train_split.fingerprints + val_split.fingerprints)  # for --mode test's copy rule
