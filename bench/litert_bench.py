@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_bench import rss_mb  # the resident memory from /proc
+
 WAYS = ("from_keras_model", "simple_cnn")
 
 
@@ -36,25 +38,17 @@ def convert_once(network: str, size: int, way: str, out: Path) -> dict:
     keras, tf = import_keras(), import_tensorflow()
     keras.utils.set_random_seed(0)
     model = build_model(3, size, backbone=network)
-    before = _rss_kib()
+    before = round(rss_mb(os.getpid()) * 1024)
     started = time.perf_counter()
     if way == "simple_cnn":
         flat = converters.litert_bytes(model, {})
-    else:
-        with converters._converter_quiet():
-            flat = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    else:  # what it prints goes to stdout, before the JSON line that run_network reads
+        flat = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     seconds = time.perf_counter() - started
     out.write_bytes(flat)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"network": network, "way": way, "seconds": round(seconds, 2), "rss_before_kib": before, "peak_kib": peak,
             "bytes": len(flat)}  # fmt: skip
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def compare(paths: dict[str, Path], size: int) -> dict:

@@ -74,12 +74,15 @@ def _litert_converter(tf, model):
     spec = tf.TensorSpec(tensor.shape, tensor.dtype, name=tensor.name)
     traced = tf.function(lambda image: model(image, training=False)).get_concrete_function(spec)
     absl = logging.getLogger("absl")
-    deprecation = lambda record: "trackable_obj" not in record.getMessage()  # noqa: E731
-    absl.addFilter(deprecation)
+
+    def not_the_deprecation(record: logging.LogRecord) -> bool:
+        return "trackable_obj" not in record.getMessage()
+
+    absl.addFilter(not_the_deprecation)
     try:
         return tf.lite.TFLiteConverter.from_concrete_functions([traced])
     finally:
-        absl.removeFilter(deprecation)
+        absl.removeFilter(not_the_deprecation)
 
 
 def write_tflite(model, model_path, metadata: dict, quantize: str | None = None, calibration=None) -> tuple[Path, str]:
