@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,6 +175,19 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, trained):
     other = make_shapes_dataset(tmp_path / "other", per_class=3)
     shutil.move(other / "square", other / "box")
     assert_one_line_error(run_cli("--mode", "test", "--dataset_path", other, cwd=work), 1, "differ")
+
+
+def test_main_freezes_the_collector_on_its_way_out(tmp_path):
+    """The interpreter's last collections would walk all of TensorFlow for nothing (bench/README.md)."""
+    script = (
+        "import gc, sys\n"
+        "from simple_cnn.cli import main\n"
+        "code = main(['--mode', 'train', '--dataset_path', 'nowhere'])\n"
+        "print(code, gc.get_freeze_count())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    code, frozen = result.stdout.split()
+    assert code == "1" and int(frozen) > 1000, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(

@@ -113,11 +113,13 @@ def test_each_backbone_trains_tests_classifies_exports_and_serves(tmp_path, back
     assert classified.returncode == 0, classified.stderr
     assert json.loads(classified.stdout)["class"] in KINDS[:2]
     assert (tmp_path / "images" / "test_000_gradcam.png").is_file()
-    # Every format for the smallest backbone; the others share its code path, and the SavedModel, the
-    # one export that rebuilds the graph, is checked for each.
-    exports = [["--format", "savedmodel"]]
-    if backbone == "MobileNetV3Small":
-        exports += [["--format", "onnx"], ["--format", "tflite", "--quantize", "int8"]]
+    # Every format for the smallest backbone; the others share its code path. The SavedModel, the one
+    # export that rebuilds the graph, is checked once per family of networks (MobileNetV3, EfficientNetV2).
+    exports = {
+        "MobileNetV3Small": [["--format", "savedmodel"], ["--format", "onnx"], ["--format", "tflite", "--quantize", "int8"]],
+        "MobileNetV3Large": [["--format", "tflite"]],
+        "EfficientNetV2B0": [["--format", "savedmodel"]],
+    }[backbone]
     for export in exports:
         exported = run_cli("--mode", "export", "--model_file_path", model, *export, cwd=tmp_path)
         assert exported.returncode == 0, (export, exported.stderr)
