@@ -177,17 +177,21 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, trained):
     assert_one_line_error(run_cli("--mode", "test", "--dataset_path", other, cwd=work), 1, "differ")
 
 
-def test_main_freezes_the_collector_on_its_way_out(tmp_path):
-    """The interpreter's last collections would walk all of TensorFlow for nothing (bench/README.md)."""
+def test_main_freezes_the_collector_on_its_way_out_and_once_tensorflow_is_imported(tmp_path):
+    """Full collections would walk all of TensorFlow's objects for nothing (quiet.freeze_collector_after_import)."""
     script = (
-        "import gc, sys\n"
+        "import gc\n"
         "from simple_cnn.cli import main\n"
-        "code = main(['--mode', 'train', '--dataset_path', 'nowhere'])\n"
-        "print(code, gc.get_freeze_count())\n"
+        "from simple_cnn.quiet import import_tensorflow\n"
+        "code = main(['--mode', 'train', '--dataset_path', 'nowhere'])\n"  # fails before TensorFlow is needed
+        "on_its_way_out = gc.get_freeze_count()\n"
+        "import_tensorflow()\n"  # as a mode that needs it would, later in the same command
+        "print(code, on_its_way_out, gc.get_freeze_count())\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    code, frozen = result.stdout.split()
-    assert code == "1" and int(frozen) > 1000, result.stdout + result.stderr
+    code, on_its_way_out, after_import = result.stdout.split()
+    assert code == "1" and int(on_its_way_out) > 1000, result.stdout + result.stderr
+    assert int(after_import) > int(on_its_way_out) + 100_000, result.stdout  # TensorFlow's and Keras' objects
 
 
 @pytest.mark.parametrize(

@@ -378,13 +378,15 @@ def test_the_training_pipeline_passes_each_image_once_an_epoch_without_a_tuning_
 
 def test_importing_tensorflow_loads_no_scikit_learn_until_it_is_used():
     """Keras imports scikit-learn for wrappers simple_cnn does not use: about 57 MB that
-    train mode would hold throughout (quiet.sklearn_deferred)."""
+    train mode would hold throughout (quiet.sklearn_deferred). Outside the CLI the garbage
+    collector is not frozen (quiet.freeze_collector_after_import)."""
     import subprocess
     import sys
 
     code = (
         "import sys; from simple_cnn.quiet import import_keras; import simple_cnn.train; import_keras(); "
         "assert 'sklearn' not in sys.modules, 'loaded'; "
+        "import gc; assert gc.get_freeze_count() == 0, 'frozen'; "  # a notebook's objects stay collectable (quiet.py)
         "from sklearn.metrics import f1_score; print(f1_score([0, 1, 1], [0, 1, 1]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

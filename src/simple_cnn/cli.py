@@ -30,6 +30,7 @@ from .config import (
     flag_fields,
 )
 from .errors import SimpleCNNError, UsageError, printable
+from .quiet import freeze_collector_after_import
 
 log = logging.getLogger("simple_cnn")
 
@@ -296,6 +297,7 @@ def main(argv=None) -> int:
     # (interrupts.py): temporary files removed, the training state of the last completed
     # epoch kept for resuming.
     interrupts.install()
+    freeze_collector_after_import()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verbose:

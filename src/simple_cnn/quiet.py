@@ -9,13 +9,15 @@ through :func:`import_keras` or :func:`import_tensorflow`.
 
 Importing TensorFlow this way also keeps it lean: scikit-learn stays out of Keras' import
 (:func:`sklearn_deferred`), and glibc's malloc keeps at most :data:`MALLOC_ARENAS` arenas
-for TensorFlow's threads (:func:`limit_malloc_arenas`).
+for TensorFlow's threads (:func:`limit_malloc_arenas`); in a CLI process, the garbage collector
+leaves TensorFlow's objects alone once they are imported (:func:`freeze_collector_after_import`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import sys
 
@@ -26,6 +28,9 @@ import sys
 # takes precedence.
 MALLOC_ARENAS = 2
 M_ARENA_MAX = -8  # glibc's malloc.h
+
+# Whether to freeze the garbage collector once TensorFlow is imported (freeze_collector_after_import).
+_freeze_after_import = False
 
 
 @contextlib.contextmanager
@@ -70,9 +75,25 @@ def import_tensorflow():
 
             absl.logging.set_verbosity(absl.logging.ERROR)  # e.g. the ".h5 is legacy" warning
             tensorflow.get_logger().setLevel("ERROR")
+        if _freeze_after_import:
+            gc.freeze()
     import tensorflow
 
     return tensorflow
+
+
+def freeze_collector_after_import() -> None:
+    """Freeze the garbage collector once TensorFlow is imported: for a process that runs one command.
+
+    Every full collection walks all of TensorFlow's and Keras' objects, which live until the
+    process ends; frozen, they are left out (bench/README.md, "The test suite"). The CLI asks
+    for this; a notebook, whose own objects would be frozen with them and never collected if
+    they became cyclic garbage, keeps Python's default.
+    """
+    global _freeze_after_import
+    _freeze_after_import = True
+    if "tensorflow" in sys.modules:
+        gc.freeze()
 
 
 def import_keras():
