@@ -332,8 +332,9 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 (the last resort: a bug, or a failure nobody foresaw)
         _unexpected(e, args.verbose)
     finally:
-        # The interpreter's last collections at exit would walk every object TensorFlow and
-        # Keras made, for nothing: the process ends next (bench/README.md, "The test suite").
+        # The interpreter's last collections at exit would walk every object still alive (the
+        # model's and its graphs' among them), for nothing: the process ends next (bench/README.md,
+        # "The test suite").
         gc.freeze()
     return 0
 
