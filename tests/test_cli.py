@@ -210,11 +210,17 @@ def test_python_api_checks_settings_as_the_cli_does(settings, word):
 
 
 def test_default_batch_holds_the_pixels_of_32_images_of_96(trained):
-    """32 images a step up to 96 pixels, fewer above (training's peak memory grows with a step's pixels)."""
+    """32 images a step up to 96 pixels, fewer above (training's peak memory grows with a step's pixels);
+    fewer for MobileNetV3Small."""
     from simple_cnn.config import TrainConfig, auto_batch_size
 
     assert [auto_batch_size(s) for s in (32, 96, 104, 112, 128, 160, 1024)] == [32, 32, 24, 16, 16, 8, 8]
     assert TrainConfig().batch_for(112) == 16 and TrainConfig(batch_size=64).batch_for(112) == 64
+    # MobileNetV3Small trains on a share of it (backbones.Backbone.batch_share), never under 8.
+    assert [auto_batch_size(s, "MobileNetV3Small") for s in (32, 112, 128, 160)] == [24, 12, 12, 8]
+    assert auto_batch_size(128, "MobileNetV3Large") == auto_batch_size(128, "EfficientNetV2B0") == 16
+    assert TrainConfig(backbone="MobileNetV3Small").batch_for(128) == 12
+    assert TrainConfig().batch_for(128, "MobileNetV3Small") == 12  # the network an --init_from model has
     _, summary = trained  # --batch_size given: used and recorded (the default's case: the disk-cache test)
     assert summary["config"]["batch_size"] == 16 and summary["distribute"]["global_batch"] == 16
 
@@ -227,3 +233,21 @@ def test_quiet_keeps_warnings_and_results_only(tmp_path):
     assert "Warning: --mixed_precision has no effect without a GPU" in quiet.stderr  # warnings stay
     assert "Model saved to" in quiet.stdout
     assert_one_line_error(run_cli("--mode", "train", "--quiet", "--verbose", cwd=tmp_path), 2, "--quiet")
+
+
+@pytest.mark.parametrize("mode", ["train", "audit"])
+def test_a_training_mode_without_tensorflow_says_to_use_the_full_image_first(tmp_path, mode):
+    """The slim classify image has no TensorFlow: a training mode says so before it checks a folder or scans
+    images, here a model folder it could not write to and a dataset that does not exist."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models").chmod(0o500)
+    hide = "import sys; sys.modules['tensorflow'] = None; from simple_cnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", hide, "--mode", mode, "--dataset_path", "absent", "--images_dir", "images"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        (tmp_path / "models").chmod(0o700)
+    assert_one_line_error(result, 1, f"--mode {mode} needs tensorflow", "use the full simple_cnn image")
+    assert not (tmp_path / "images").exists()

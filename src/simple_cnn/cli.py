@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -206,6 +207,9 @@ def _join_cluster(args, parser, cluster_config: ClusterConfig) -> None:
 
 def _run(args, train_config: TrainConfig, classify_config: ClassifyConfig, cluster_config: ClusterConfig):
     """Run the mode; return its result (results.py)."""
+    if args.mode in TRAINING_MODES and importlib.util.find_spec("tensorflow") is None:
+        # said before any folder is checked or image scanned, not when TensorFlow is first imported
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
     if args.mode == "train":
         from .sources import ensure_digits_dataset
         from .train import train
@@ -290,6 +294,7 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 FULL_IMAGE_ONLY = {"tensorflow", "keras", "sklearn", "matplotlib", "scipy", "h5py", "tf2onnx"}
+TRAINING_MODES = ("train", "audit")  # they train networks: TensorFlow, which the slim classify image lacks
 
 
 def main(argv=None) -> int:

@@ -12,8 +12,8 @@ This module imports nothing heavy, so ``simple-cnn --help`` stays fast.
 import re
 from dataclasses import dataclass, field, fields
 
+from .backbones import BACKBONES, SIMPLE
 from .backbones import NAMES as BACKBONE_NAMES
-from .backbones import SIMPLE
 from .errors import UsageError
 
 DEFAULT_DATASET = "datasets/digits"  # written from scikit-learn's digits on first use
@@ -39,10 +39,16 @@ CALIBRATION_MIN_IMAGES = 100
 UNKNOWN_KEEP = 0.95
 
 
-def auto_batch_size(image_size: int) -> int:
-    """The default batch for ``image_size``: 32 up to 96 pixels, then fewer (a multiple of 8, at least 8)."""
+def auto_batch_size(image_size: int, backbone: str = SIMPLE) -> int:
+    """The default batch for ``image_size``: 32 up to 96 pixels, then fewer (a multiple of 8, at least 8).
+
+    A Keras ``backbone`` trains on its share of it (``backbones.Backbone.batch_share``), a
+    multiple of 4 and still at least 8, which batch norm's statistics need.
+    """
     fitting = AUTO_BATCH * AUTO_BATCH_SIDE**2 // image_size**2
-    return max(8, min(AUTO_BATCH, fitting // 8 * 8))
+    batch = max(8, min(AUTO_BATCH, fitting // 8 * 8))
+    share = BACKBONES[backbone].batch_share if backbone in BACKBONES else 1.0
+    return max(8, int(batch * share) // 4 * 4)
 
 
 class SettingError(UsageError):
@@ -85,7 +91,8 @@ class TrainConfig:
     batch_size: int | None = setting(
         None,
         f"images per training step, and per prediction batch in test mode (default: {AUTO_BATCH}, fewer above "
-        f"{AUTO_BATCH_SIDE} pixels so that a step holds no more pixels: {auto_batch_size(112)} at 112)",
+        f"{AUTO_BATCH_SIDE} pixels so that a step holds no more pixels: {auto_batch_size(112)} at 112; "
+        "MobileNetV3Small trains on fewer, for memory)",
     )
     image_size: int | None = setting(
         None, "training image side in pixels (default: the median short side of the images, in 32-112)"
@@ -185,9 +192,10 @@ class TrainConfig:
         if self.distribute not in DISTRIBUTE_KINDS:
             raise SettingError(("distribute",), f"must be one of {', '.join(DISTRIBUTE_KINDS)}, not {self.distribute}")
 
-    def batch_for(self, image_size: int) -> int:
-        """--batch_size, else the default for ``image_size`` (:func:`auto_batch_size`)."""
-        return self.batch_size or auto_batch_size(image_size)
+    def batch_for(self, image_size: int, backbone: str | None = None) -> int:
+        """--batch_size, else the default for ``image_size`` and the network (:func:`auto_batch_size`):
+        ``backbone``, the start's (an --init_from model's own), else --backbone."""
+        return self.batch_size or auto_batch_size(image_size, backbone or self.backbone)
 
     def calibrates(self, validation_images: int) -> bool:
         """--calibrate or --no-calibrate, else whether the validation split is large enough (CALIBRATION_MIN_IMAGES)."""

@@ -7,8 +7,8 @@ way. When that variable is "3" (the CLI sets it unless ``--verbose``), these ste
 with fd 2 pointed at /dev/null. Every TensorFlow or Keras import in simple_cnn goes
 through :func:`import_keras` or :func:`import_tensorflow`.
 
-Importing TensorFlow this way also keeps it lean: scikit-learn stays out of Keras' import
-(:func:`sklearn_deferred`), and glibc's malloc keeps at most :data:`MALLOC_ARENAS` arenas
+Importing TensorFlow this way also keeps it lean: scikit-learn and matplotlib stay out of
+Keras' import (:func:`keras_extras_deferred`), and glibc's malloc keeps at most :data:`MALLOC_ARENAS` arenas
 for TensorFlow's threads (:func:`limit_malloc_arenas`); in a CLI process, the garbage collector
 leaves TensorFlow's objects alone once they are imported (:func:`freeze_collector_after_import`).
 """
@@ -68,7 +68,7 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 def import_tensorflow():
     if "tensorflow" not in sys.modules:
         limit_malloc_arenas()  # before TensorFlow starts its thread pools
-        with native_stderr_hidden(), sklearn_deferred():  # importing TensorFlow imports Keras
+        with native_stderr_hidden(), keras_extras_deferred():  # importing TensorFlow imports Keras
             import tensorflow
         if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
             import absl.logging
@@ -103,23 +103,28 @@ def import_keras():
     return keras
 
 
-@contextlib.contextmanager
-def sklearn_deferred():
-    """Keep Keras' import from loading scikit-learn, which simple_cnn imports only where it uses it.
+# Packages Keras imports, when installed, for parts of Keras simple_cnn does not use: the
+# scikit-learn estimators of keras.wrappers and the matplotlib plots of keras.visualization.
+KERAS_EXTRAS = ("sklearn", "matplotlib")
 
-    Keras imports scikit-learn, when installed, for its ``keras.wrappers`` estimators,
-    which simple_cnn does not use: memory held for the whole of a training run, whose
-    peak memory is a goal (measured: bench/README.md, "Memory"). Marking the module absent
-    makes Keras take its own "scikit-learn not installed" path; afterwards scikit-learn
-    imports as usual. If it is already loaded, nothing changes, so a notebook that wants
-    ``keras.wrappers`` imports scikit-learn before simple_cnn first imports TensorFlow.
+
+@contextlib.contextmanager
+def keras_extras_deferred(names: tuple[str, ...] = KERAS_EXTRAS):
+    """Keep Keras' import from loading scikit-learn and matplotlib, which simple_cnn imports only where it uses them.
+
+    Memory held for the whole of a run, whose peak is a goal, and import time in every
+    command that never plots (measured: bench/README.md, "Memory" and "The test suite").
+    Marking a module absent makes Keras take its own "not installed" path; afterwards it
+    imports as usual. One that is already loaded is left alone, so a notebook that wants
+    ``keras.wrappers`` or ``keras.visualization`` imports scikit-learn or matplotlib before
+    simple_cnn first imports TensorFlow.
     """
-    if "sklearn" in sys.modules:
-        yield
-        return
-    sys.modules["sklearn"] = None  # the import system's "not importable" marker
+    absent = [name for name in names if name not in sys.modules]
+    for name in absent:
+        sys.modules[name] = None  # the import system's "not importable" marker
     try:
         yield
     finally:
-        if sys.modules.get("sklearn", 0) is None:
-            del sys.modules["sklearn"]
+        for name in absent:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]

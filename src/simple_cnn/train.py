@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, calibration, distribute, interrupts, multilabel, plots, report, transfer, unknown
+from . import __version__, calibration, distribute, interrupts, multilabel, report, transfer, unknown
 from .cache import cache_folder
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClusterConfig, TrainConfig
 from .converters import write_tflite
@@ -73,7 +73,7 @@ def train(
         image_size = dataset.training_image_size(
             config.image_size or start.image_size, warn_imbalance=config.class_weight == "none"
         )
-        config = replace(config, batch_size=config.batch_for(image_size))  # recorded as used
+        config = replace(config, batch_size=config.batch_for(image_size, start.backbone))  # recorded as used
         cluster = distribute.make_cluster(config.distribute, (cluster_config or ClusterConfig()).worker_wait)
         for line in cluster.describe():
             log.info(line)
@@ -377,6 +377,7 @@ def save_outputs(model, result: TrainResult, config: TrainConfig, history: dict,
     are then released (the splits keep their labels and fingerprints), so that the LiteRT
     converter's memory does not come on top of theirs at the run's peak.
     """
+    from . import plots  # matplotlib loads once the memory peak is behind (bench/README.md, "Memory: MobileNetV3Small's batch")
     from .callbacks import state_bytes
 
     train_split, val_split = splits
