@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import duplicates, interrupts, quality
+from .backbones import SIMPLE
 from .config import DEFAULT_IMAGES_DIR, TrainConfig, auto_batch_size
 from .dataset import ImageDataset, Split
 from .errors import DataError, UsageError, printable
@@ -161,7 +162,7 @@ def fit_and_score(data: Split, train: np.ndarray, held: np.ndarray, classes: int
         keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay), "sparse_categorical_crossentropy"
     )
     build_training_variables(model)
-    batch = config.batch_for(size)
+    batch = config.batch_for(size, SIMPLE)  # the default network's batch, whatever --backbone says
     x, y = data.x[train], data.y[train]
     batches = make_tf_dataset(x, y, batch, shuffle=True, seed=config.seed)
     # As in training: the default budget gives way to the fewest epochs (a small dataset learns), --max_minutes does not.

@@ -40,7 +40,7 @@ class Backbone:
     hash_key: str  # the module's WEIGHTS_HASHES key; the second hash is the no-top file's
     # The share of the default batch (config.auto_batch_size) it trains on without --batch_size:
     # below 1 where the network's training command at the default batch comes too near the
-    # 1.2 GB goal, and a smaller batch keeps it under at no measured cost in time
+    # 1.2 GB goal and a smaller batch keeps it under, with the recipe's epochs as fast
     # (bench/README.md, "Memory: MobileNetV3Small's batch").
     batch_share: float = 1.0
 
