@@ -172,3 +172,19 @@ def test_the_distance_layer_computes_the_detectors_distance_and_the_files_keep_i
         again = unknown.Detector.from_member(read_member(path, unknown.MEMBER, unknown.MAX_MEMBER_BYTES))
         np.testing.assert_array_equal(again.whitening, detector.whitening)
         assert unknown.read_detector(path) is not None
+
+
+@pytest.mark.parametrize("n, p", [(40, 512), (300, 64), (2000, 1280), (6, 3)])
+def test_the_shrunk_covariance_is_scikit_learns_ledoit_wolf(n, p):
+    """Our Ledoit-Wolf (unknown.ledoit_wolf, which spares training scikit-learn's import) against scikit-learn's:
+    fewer images than features, more, and features of very different scales."""
+    from sklearn.covariance import LedoitWolf
+
+    from simple_cnn.unknown import ledoit_wolf
+
+    rng = np.random.default_rng(p)
+    x = rng.normal(size=(n, p)) * rng.uniform(0.1, 3, size=p)
+    x -= x.mean(axis=0)
+    expected = LedoitWolf(assume_centered=True).fit(x)
+    assert 0 < expected.shrinkage_ < 1  # a case where shrinking does something
+    np.testing.assert_allclose(ledoit_wolf(x), expected.covariance_, rtol=1e-10, atol=1e-12)

@@ -151,6 +151,8 @@ def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
 def _rows(reader, columns: dict[str, int], root: Path):
     """(line, (relpath, label cell, split, group)) of each row, or the reason it is skipped as the cell."""
     width = max(columns.values()) + 1
+    folder = os.fspath(root)  # strings, not Paths: a labels file may hold a million rows
+    real_root = Path(os.path.realpath(folder))
     for row in reader:
         line = reader.line_num
         if not any(cell.strip() for cell in row):
@@ -159,7 +161,7 @@ def _rows(reader, columns: dict[str, int], root: Path):
             yield line, (None, f"{len(row)} fields, the header has {width} or more", None, None)
             continue
         relpath = row[columns["path"]].strip().replace("\\", "/")
-        reason = _path_problem(relpath, root)
+        reason = _path_problem(relpath, folder, real_root)
         split = row[columns["split"]].strip().lower() if "split" in columns else ""
         if reason is None and split and split not in SPLIT_NAMES:
             reason = f"unknown split {printable(split)[:20]!r} (train, val or test)"
@@ -170,19 +172,21 @@ def _rows(reader, columns: dict[str, int], root: Path):
             yield line, (relpath, row[columns["label"]], SPLIT_NAMES.get(split), group or None)
 
 
-def _path_problem(relpath: str, root: Path) -> str | None:
-    """Why ``relpath`` cannot be used as an image of the dataset at ``root``, or None."""
+def _path_problem(relpath: str, folder: str, real_root: Path) -> str | None:
+    """Why ``relpath`` cannot be used as an image of the dataset at ``folder`` (``real_root``
+    with its links resolved), or None."""
     if not relpath:
         return "an empty path"
-    if printable(relpath) != relpath:
-        return f"a path with a control character ({printable(relpath)[:60]})"
-    full = root / relpath
+    shown = printable(relpath)
+    if shown != relpath:
+        return f"a path with a control character ({shown[:60]})"
     if relpath.startswith("/") or ".." in relpath.split("/"):
-        return f"a path outside the dataset ({printable(relpath)[:60]})"
+        return f"a path outside the dataset ({shown[:60]})"
+    full = os.path.join(folder, relpath)
     if not os.path.isfile(full):
-        return f"no such file ({printable(relpath)[:60]})"
-    if not Path(os.path.realpath(full)).is_relative_to(os.path.realpath(root)):
-        return f"a link to a file outside the dataset ({printable(relpath)[:60]})"
+        return f"no such file ({shown[:60]})"
+    if not Path(os.path.realpath(full)).is_relative_to(real_root):
+        return f"a link to a file outside the dataset ({shown[:60]})"
     return None
 
 

@@ -5,7 +5,7 @@ A softmax stays confident on images of things a model never saw, so a low probab
 penultimate features instead (the ``pool`` layer, averaged over the image and its
 mirror as the output is): the Mahalanobis distance to the nearest class mean, with one
 covariance shared by the classes (Lee et al., 2018, "A simple unified framework for
-detecting out-of-distribution samples"). scikit-learn's Ledoit-Wolf estimate shrinks the
+detecting out-of-distribution samples"). The Ledoit-Wolf estimate shrinks the
 covariance, which a few hundred images cannot estimate in hundreds of dimensions on
 their own. A multi-label model has one mean, that of all its training images. The features are
 scaled to unit length first.
@@ -74,17 +74,33 @@ class Detector:
 
 def fit_detector(features: np.ndarray, groups: np.ndarray) -> Detector:
     """Class means (one per value of ``groups``) and the whitening of their shared, shrunk covariance."""
-    from sklearn.covariance import LedoitWolf
-
     features = features.astype(np.float64)
     centre = features.mean(axis=0)
     present = np.unique(groups)
     means = np.stack([features[groups == g].mean(axis=0) for g in present])
     residuals = features - means[np.searchsorted(present, groups)]
-    covariance = LedoitWolf(assume_centered=True).fit(residuals).covariance_
+    covariance = ledoit_wolf(residuals)
     # W with W Wᵀ = Σ⁻¹: the Cholesky factor of the precision, so |(f - m) W| is the Mahalanobis distance.
     whitening = np.linalg.cholesky(np.linalg.inv(covariance))
     return Detector(centre.astype(np.float32), whitening.astype(np.float32), ((means - centre) @ whitening).astype(np.float32))
+
+
+def ledoit_wolf(x: np.ndarray) -> np.ndarray:
+    """The covariance of the centred rows ``x``, shrunk towards a multiple of the identity by
+    Ledoit and Wolf's estimate (2004), as scikit-learn's ``LedoitWolf(assume_centered=True)``
+    computes it (a test holds the two together). Not scikit-learn's own: importing its
+    covariance module cost every training run about a second (bench/README.md, "The test
+    suite"), for a dozen lines of arithmetic."""
+    n, p = x.shape
+    empirical = x.T @ x / n
+    mu = np.trace(empirical) / p
+    squared = np.sum(empirical * empirical)
+    delta = (squared - 2 * mu * np.trace(empirical) + p * mu * mu) / p  # |Σ - μI|² / p: how far from the target
+    beta = (np.sum(np.sum(x * x, axis=1) ** 2) / n - squared) / (p * n)  # how noisy Σ is
+    shrinkage = 0.0 if beta == 0 or delta == 0 else min(beta, delta) / delta
+    shrunk = (1 - shrinkage) * empirical
+    shrunk.flat[:: p + 1] += shrinkage * mu
+    return shrunk
 
 
 def feature_network(model):
