@@ -188,3 +188,24 @@ def test_the_shrunk_covariance_is_scikit_learns_ledoit_wolf(n, p):
     expected = LedoitWolf(assume_centered=True).fit(x)
     assert 0 < expected.shrinkage_ < 1  # a case where shrinking does something
     np.testing.assert_allclose(ledoit_wolf(x), expected.covariance_, rtol=1e-10, atol=1e-12)
+
+
+def test_one_training_image_a_class_trains_a_model_without_a_detector(tmp_path):
+    """With no spread around the class means the covariance cannot be inverted: the run still ends with its
+    model (it used to end in "unexpected LinAlgError", the model unsaved), and --unknown says why there is none."""
+    rng = np.random.default_rng(7)
+    rows = ["path,label,split"]
+    for kind in CLASSES[:2]:
+        for split, n in (("train", 1), ("val", 2), ("test", 1)):
+            for i in range(n):
+                shape_image(kind, rng).save(tmp_path / f"{kind}_{split}_{i}.png")
+                rows.append(f"{kind}_{split}_{i}.png,{kind},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    trained = run_cli("--mode", "train", "--dataset_path", ".", "--labels", "labels.csv", "--epochs", "1", "--json", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout)["unknown"] is None and "No unknown detector" in trained.stderr
+    image = tmp_path / "circle_test_0.png"
+    answer = run_cli("--mode", "classify", "--single_image_path", image, "--json", cwd=tmp_path)
+    assert answer.returncode == 0 and json.loads(answer.stdout)["class"] in CLASSES[:2], answer.stderr
+    refused = run_cli("--mode", "classify", "--single_image_path", image, "--unknown", cwd=tmp_path)
+    assert_one_line_error(refused, 1, "no unknown detector", "too few images")

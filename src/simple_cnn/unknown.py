@@ -150,7 +150,8 @@ def fit_on_splits(model, train, val) -> tuple[Detector, dict] | tuple[None, None
     """Fit the detector on the training images and choose its threshold on the validation split.
 
     Returns the detector and its record for the model's metadata (:func:`record_of` reads
-    it), or ``(None, None)`` when the validation split is empty.
+    it), or ``(None, None)`` when the validation split is empty or the training images give
+    no covariance to invert.
     """
     if len(val) == 0 or len(train) < 2:
         return None, None
@@ -158,7 +159,11 @@ def fit_on_splits(model, train, val) -> tuple[Detector, dict] | tuple[None, None
     (x, y), (val_x, _) = _at_most(train, FIT_IMAGES), _at_most(val, FIT_IMAGES)
     _, features = predict_features(network, x, PASS_BATCH)
     groups = y if y.ndim == 1 else np.zeros(len(y), np.int64)  # multi-label: one mean
-    detector = fit_detector(features, groups)
+    try:
+        detector = fit_detector(features, groups)
+    except np.linalg.LinAlgError:  # e.g. one training image a class: no spread around the means to measure
+        log.warning("No unknown detector: the training images vary too little around their class means to fit one")
+        return None, None
     val_probabilities, val_features = predict_features(network, val_x, PASS_BATCH)
     threshold = float(np.quantile(detector.distances(val_features), KEEP))
     record = {
@@ -199,8 +204,8 @@ def require(metadata: dict, path) -> dict:
     record = record_of(metadata)
     if record is None:
         raise DataError(
-            f"{path} has no unknown detector (an int8 copy carries none; a model trained by an older simple_cnn has "
-            "none): give the .keras or .h5 model (or its float16 copy), or train it again"
+            f"{path} has no unknown detector (an int8 copy carries none, nor does a model trained by an older simple_cnn "
+            "or on too few images to fit one): give the .keras or .h5 model (or its float16 copy), or train it again"
         )
     return record
 
