@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import bomb_png, make_shapes_dataset, shape_image
+from conftest import assert_one_line_error, bomb_png, make_shapes_dataset, run_cli, shape_image
 from simple_cnn import images
 from simple_cnn.dataset import AUTO_SIZE_MAX, SPLITS, ImageDataset, load_data, split_of
 from simple_cnn.errors import DataError
@@ -169,6 +169,17 @@ def test_unusable_dataset_folders_are_clear_errors(tmp_path, layout, message):
         (root / "empty").mkdir()
     with pytest.raises(DataError, match=message):
         ImageDataset.scan(root)
+
+
+def test_a_dataset_left_without_a_split_by_its_copies_says_so(tmp_path):
+    """Byte-identical files that would straddle the splits are set aside: a class of copies of one image
+    ends in a single split, and the refusal says that the copies are why."""
+    for name, colour in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
+        (tmp_path / "ds" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (32, 32), colour).save(tmp_path / "ds" / name / f"{i}.png")
+    result = run_cli("--mode", "train", "--dataset_path", "ds", cwd=tmp_path)
+    assert_one_line_error(result, 1, "ds has", "byte-identical copies of them were set aside", "too few for a train")
 
 
 def test_added_images_move_only_images_of_their_own_class_and_hash_splits_never_move(tmp_path):

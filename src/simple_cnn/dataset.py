@@ -207,8 +207,10 @@ class ImageDataset:
         if (counts["val"] == 0 or counts["train"] == 0) and self.labels_file and self.labels_file.has_split:
             raise DataError(f"{self.labels_file.path} gives no image to the train or the val split: mark some rows so")
         if counts["val"] == 0 or counts["train"] == 0:
+            aside = len(self.copies.set_aside)
+            copies = f" once {aside} byte-identical copies of them were set aside" if aside else ""
             raise DataError(
-                f"{self.root} has {len(self.images)} images, too few for a train and a validation "
+                f"{self.root} has {len(self.images)} images{copies}, too few for a train and a validation "
                 "split: add images or raise --val_split"
             )
         untrained = [printable(n) for n, count in self.per_class_counts()["train"].items() if count == 0]
