@@ -215,6 +215,12 @@ def test_labels_file_with_its_own_split_through_train_test_classify_and_load_dat
     write_labels(tmp_path / "labels.csv", official[:-3], header=("path", "label", "split"))
     result = run_cli("--mode", "test", "--dataset_path", ".", "--json", cwd=tmp_path)
     assert result.returncode == 0 and "changed since" in result.stderr
+    no_test = [[p, label, "val" if split == "test" else split] for p, label, split in official]
+    write_labels(tmp_path / "labels.csv", no_test, header=("path", "label", "split"))
+    no_test_run = run_cli("--mode", "test", "--dataset_path", ".", cwd=tmp_path)  # warns of the change, then refuses
+    error = no_test_run.stderr.strip().splitlines()[-1]
+    assert no_test_run.returncode == 1 and "Traceback" not in no_test_run.stderr, no_test_run.stderr
+    assert error.startswith("simple-cnn: error: the test split") and "mark some rows of labels.csv as test" in error
     write_labels(tmp_path / "labels.csv", rows)
     assert_one_line_error(run_cli("--mode", "test", "--dataset_path", ".", cwd=tmp_path), 1, "labels.csv", "changed since")
     (tmp_path / "labels.csv").unlink()

@@ -311,9 +311,9 @@ class ImageDataset:
             )
         test = self.hold_out_copies(training, self.decode(records, image_size, cache_dir))
         if len(test) == 0:
-            raise DataError(
-                f"the test split of {self.root} holds no readable images: add images or retrain with a larger --test_split"
-            )
+            own = self.labels_file is not None and self.labels_file.has_split
+            fix = f"mark some rows of {self.labels_file.path} as test" if own else "retrain with a larger --test_split"
+            raise DataError(f"the test split of {self.root} holds no readable images: add images or {fix}")
         return test
 
     # ------------------------------------------------------------------ 4. what was found
