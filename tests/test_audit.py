@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, assert_one_line_error, chromium, make_shapes_dataset, run_cli
+from conftest import CLASSES, assert_one_line_error, chromium, make_shapes_dataset, run_cli, start_cli
 from simple_cnn import quality
 from simple_cnn.audit import label_issues, normalized_margin
 
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """A shapes dataset with six images moved to a wrong class folder and two unusable images, audited by the CLI."""
+    """A shapes dataset with six images moved to a wrong class folder and two unusable images, audited by the CLI
+    (killed after its first fold, then run again to the end)."""
     work = tmp_path_factory.mktemp("audit")
     root = make_shapes_dataset(work / "ds", per_class=40)
     rng = np.random.default_rng(0)
@@ -30,8 +31,21 @@ def audited(tmp_path_factory):
     Image.new("RGB", (32, 32), (3, 3, 3)).save(root / "circle" / "black.png")
     Image.new("RGB", (200, 20), (120, 60, 30)).save(root / "square" / "strip.png")
     before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    # Killed once its first fold is saved: nothing half-written, and the run again resumes from that fold.
+    killed = start_cli("--mode", "audit", "--dataset_path", "ds", "--json", cwd=work)
+    seen = []
+    for line in killed.stderr:
+        seen.append(line)
+        if "Fold 2 of 4" in line:
+            break
+    killed.kill()
+    killed.communicate()
+    assert any("Fold 2 of 4" in line for line in seen), "".join(seen)
+    assert not any((work / "images" / name).exists() for name in ("audit.json", "label_issues.csv", "audit.html"))
     result = run_cli("--mode", "audit", "--dataset_path", "ds", "--json", cwd=work)
     assert result.returncode == 0, result.stderr
+    assert "Fold 1 of 4: kept from an interrupted audit" in result.stderr and "Fold 2 of 4: training" in result.stderr
+    assert not any((work / "images" / ".audit-state").iterdir())  # the finished folds' state is gone
     assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # nothing changed
     return work, flipped, json.loads(result.stdout)
 
