@@ -95,7 +95,7 @@ def ledoit_wolf(x: np.ndarray) -> np.ndarray:
     empirical = x.T @ x / n
     mu = np.trace(empirical) / p
     squared = np.sum(empirical * empirical)
-    delta = (squared - 2 * mu * np.trace(empirical) + p * mu * mu) / p  # |Σ - μI|² / p: how far from the target
+    delta = squared / p - mu * mu  # |Σ - μI|² / p (the trace is pμ): how far Σ is from the target
     beta = (np.sum(np.sum(x * x, axis=1) ** 2) / n - squared) / (p * n)  # how noisy Σ is
     shrinkage = 0.0 if beta == 0 or delta == 0 else min(beta, delta) / delta
     shrunk = (1 - shrinkage) * empirical
