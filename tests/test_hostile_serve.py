@@ -151,6 +151,61 @@ def test_a_chunked_body_over_the_limit_gets_413_whatever_its_encoding(guarded):
     assert _healthz(url) == 200
 
 
+NOT_HTTP = {
+    "an unknown method": b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "HTTP/2's preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "a TLS handshake": bytes.fromhex("16030100c4010000c00303") + bytes(64),
+    "a malformed chunk": b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nxx\r\n",
+    "two Content-Lengths": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+}
+
+
+def test_what_is_not_http_gets_a_json_400_and_an_upgrade_is_served_as_plain_http(guarded):
+    """Bytes the parser cannot read as HTTP/1.1 get a 400 JSON error (uvicorn's own is plain text) and the connection
+    is closed; a WebSocket or h2c upgrade is answered as the plain request it also is, never handed to a protocol
+    the server does not serve."""
+    url, _ = guarded
+    for what, request in NOT_HTTP.items():
+        sock = socket.create_connection(_address(url), timeout=10)
+        sock.sendall(request)
+        answer = _closed_within(sock, 10)
+        sock.close()
+        assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), (what, answer)
+        assert b"application/json" in answer and "HTTP/1.1" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"], what
+    websocket = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="
+    h2c = "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"
+    for upgrade in (f"Connection: Upgrade\r\n{websocket}", f"Connection: Upgrade, HTTP2-Settings\r\n{h2c}"):
+        sock = socket.create_connection(_address(url), timeout=10)
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{upgrade}\r\nConnection: close\r\n\r\n".encode())
+        answer = _closed_within(sock, 10)
+        sock.close()
+        assert answer is not None and answer.startswith(b"HTTP/1.1 200 "), (upgrade, answer)
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == "ok"
+    assert _healthz(url) == 200
+
+
+def test_a_request_over_max_connections_gets_a_json_503_and_the_next_is_served(guarded):
+    """While --max_connections (4) connections are held open, one more request gets 503 as JSON at once, with
+    Retry-After; once they are closed, requests are answered again."""
+    url, _ = guarded
+    held = [socket.create_connection(_address(url), timeout=10) for _ in range(4)]
+    try:
+        sock = socket.create_connection(_address(url), timeout=10)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _closed_within(sock, 10)
+        sock.close()
+    finally:
+        for s in held:
+            s.close()
+    assert answer is not None and answer.startswith(b"HTTP/1.1 503 "), answer
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"retry-after: 1" in head.lower() and "--max_connections" in json.loads(body)["error"]
+    deadline = time.monotonic() + 10
+    while _healthz(url) != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _healthz(url) == 200
+
+
 def test_the_decoding_work_of_one_request_is_bounded(guarded):
     """A small PNG that declares 10,000 x 9,999 pixels, or many that add up: 413 from their
     headers, before any is decoded; an ordinary photo is answered as before."""

@@ -5,7 +5,12 @@
   the connection's start or the request's first byte, and answers a head larger than
   :data:`MAX_HEAD_BYTES` (the URL and the headers) with 431 and closes it. uvicorn itself
   bounds neither: its keep-alive timer starts only after a response, and its header
-  limit applies to the h11 parser only.
+  limit applies to the h11 parser only. What the parser cannot read as HTTP/1.1 gets a
+  400 JSON error too (uvicorn's own answer is plain text), and an ``Upgrade`` header is
+  ignored: the server has no WebSocket endpoint, so ``serve`` runs uvicorn without a
+  WebSocket protocol, and the request is answered as the plain HTTP request it also is.
+- A request that comes while the server holds ``--max_connections`` connections gets
+  uvicorn's 503, with a JSON body and ``Retry-After`` here.
 - :class:`BodyGuard` (ASGI middleware), the one home of the body limit, refuses a body
   whose Content-Length is over ``--max_body_mb`` before reading any of it, counts the
   bytes of every other body as they arrive, whatever the encoding (chunked, a multipart
@@ -18,10 +23,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import printable
@@ -78,6 +85,20 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._disarm_head_timer()
         super().on_headers_complete()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refuses (not HTTP/1.1, a malformed head or chunk), as JSON;
+        uvicorn has logged its warning already."""
+        self._refuse(400, "the request is not valid HTTP/1.1")
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        if app is service_unavailable:  # over --max_connections: uvicorn's 503, whose body is plain text
+            app = functools.partial(_over_capacity, limit=self.limit_concurrency)
+        super()._start_asgi_task(cycle, app)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """An ``Upgrade`` header (WebSocket, h2c) is ignored and the request served as HTTP/1.1; uvicorn's own
+        warning would tell the server's operator to install a WebSocket library, which this server has no use for."""
+
     def _count(self, n: int) -> None:
         self._head_bytes += n
         if self._head_bytes > self.max_head_bytes:
@@ -103,11 +124,19 @@ class GuardedHttpTools(HttpToolsProtocol):
         """Answer with a JSON error and close, before any request reaches the app."""
         self._refused = True
         body = json.dumps({"error": message}).encode()
-        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         if not self.transport.is_closing():
             self.transport.write(head % (status, reason, len(body)) + body)
             self.transport.close()
+
+
+async def _over_capacity(scope, receive, send, limit: int) -> None:
+    """The 503 a request gets while the server holds ``limit`` connections (--max_connections), as JSON."""
+    body = json.dumps({"error": f"the server is at its limit of {limit} connections (--max_connections): try again shortly"})
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 503, "headers": [*headers, (b"retry-after", b"1")]})
+    await send({"type": "http.response.body", "body": body.encode()})
 
 
 class BodyGuard:

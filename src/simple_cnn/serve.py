@@ -412,6 +412,7 @@ def serve(model_path, config: ServeConfig | None = None, classify: ClassifyConfi
         uvicorn.Config(
             app,
             http=functools.partial(GuardedHttpTools, head_timeout=config.request_timeout),  # guards.py
+            ws="none",  # no WebSocket endpoint: an Upgrade header is ignored (guards.GuardedHttpTools)
             log_config=None,  # our logger: one line per request (guards.RequestLog)
             access_log=False,
             timeout_keep_alive=5,
