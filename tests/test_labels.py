@@ -107,6 +107,24 @@ def test_a_million_row_labels_file_is_counted_not_listed(tmp_path):
     assert len(table.skipped.as_dict()["examples"]) == 20 and table.skipped.as_dict()["reasons"] == {"no such file": 1_000_000}
 
 
+def test_a_quote_that_is_never_closed_is_named_with_its_line(tmp_path):
+    """A quote left open swallows the rest of the file into one field. In a small file that row is skipped and
+    counted with its line; past the csv module's field limit (128 KB) reading stops with one line naming it,
+    where it used to end in "unexpected Error: field larger than field limit"."""
+    rows = flat_dataset(tmp_path, per_class=6)
+    lines = ["path,label", *(f"{p},{label}" for p, label in rows)]
+    opened = len(lines) - 3  # the row after it is line len(lines) - 2 of the file
+    (tmp_path / "labels.csv").write_text("\n".join([*lines[:opened], '"' + lines[opened], *lines[opened + 1 :]]) + "\n")
+    table = read_labels_file(tmp_path / "labels.csv", tmp_path)
+    assert len(table.rows) == len(rows) - 3 and table.skipped.reasons == {"a row over several lines": 1}
+    assert table.skipped.examples[0].startswith(f"line {opened + 1}: ") and "never closed" in table.skipped.examples[0]
+    padding = [f"images/later_{i:06d}.png,circle" for i in range(6_000)]  # 180 KB after the quote
+    text = "\n".join([*lines[:opened], '"' + lines[opened], *padding, *lines[opened + 1 :]]) + "\n"
+    (tmp_path / "labels.csv").write_text(text)
+    result = run_cli("--mode", "train", "--dataset_path", ".", "--labels", "labels.csv", cwd=tmp_path)
+    assert_one_line_error(result, 2, "labels.csv", f"from line {opened + 1} on", "never closed")
+
+
 @pytest.mark.parametrize(
     "content, words",
     [

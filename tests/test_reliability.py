@@ -351,6 +351,7 @@ LABELS_TESTS_IN_THE_TABLE = {  # test_labels.py's tests of hostile or broken inp
     "test_labels_file_quirks_are_read_and_bad_rows_skipped_with_their_reasons",
     "test_a_million_row_labels_file_is_counted_not_listed",
     "test_unusable_labels_files_are_usage_errors",
+    "test_a_quote_that_is_never_closed_is_named_with_its_line",
     "test_bad_group_patterns_and_splits_that_cannot_train_are_one_line_usage_errors",
     "test_labels_file_with_its_own_split_through_train_test_classify_and_load_data",
     "test_test_mode_never_scores_an_image_the_model_trained_on_however_the_folder_changed",

@@ -99,10 +99,10 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     except UnicodeDecodeError as e:
         raise UsageError(f"the labels file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 CSV") from None
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, None)
+    records = _records(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), path)
+    header = next(records, (1, None, 1))[1]
     columns = _columns(header, path)
-    raw = list(_rows(reader, columns, root))
+    raw = list(_rows(records, columns, root))
     if multi_label is None:
         multi_label = any(LABEL_SEPARATOR in row[1] for _, row in raw)
     skipped = SkippedRows()
@@ -115,6 +115,7 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     if len(found.class_names) < 2:
         raise UsageError(
             f"the labels file {path} names fewer than two labels ({', '.join(found.class_names)}): a classifier needs two"
+            + (f"; {skipped.summary()}" if skipped.count else "")
         )
     return found
 
@@ -148,15 +149,34 @@ def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
     return columns
 
 
-def _rows(reader, columns: dict[str, int], root: Path):
+def _records(reader, path: Path):
+    """(first line, cells) of each CSV record. A record that Python's csv cannot read (a field over its
+    size limit: what a quote that is never closed makes of the rest of a large file) is one line."""
+    while True:
+        line = reader.line_num + 1  # a quoted field may run over several lines: the record's first
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UsageError(
+                f'the labels file {path} cannot be read from line {line} on ({e}): look there for a quote (") '
+                "that is never closed"
+            ) from None
+        yield line, row, reader.line_num - line + 1
+
+
+def _rows(records, columns: dict[str, int], root: Path):
     """(line, (relpath, label cell, split, group)) of each row, or the reason it is skipped as the cell."""
     width = max(columns.values()) + 1
     folder = os.fspath(root)  # strings, not Paths: a labels file may hold a million rows
     real_root = Path(os.path.realpath(folder))
-    for row in reader:
-        line = reader.line_num
+    for line, row, lines in records:
         if not any(cell.strip() for cell in row):
             continue  # blank lines
+        if lines > 1:  # no path or label holds a line end: a quote left open has swallowed the rows after it
+            yield line, (None, f'a row over several lines ({lines}: a quote " opened there and never closed?)', None, None)
+            continue
         if len(row) < width:
             yield line, (None, f"{len(row)} fields, the header has {width} or more", None, None)
             continue
