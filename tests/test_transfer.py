@@ -103,7 +103,7 @@ def test_each_backbone_trains_tests_classifies_exports_and_serves(tmp_path, back
     summary = json.loads(trained.stdout)
     assert summary["image_size"] == 32  # the images' own size: random weights keep the default
     # the backbone's share of the default batch (config.auto_batch_size), for memory
-    assert summary["config"]["batch_size"] == {"MobileNetV3Small": 24, "MobileNetV3Large": 32, "EfficientNetV2B0": 32}[backbone]
+    assert summary["config"]["batch_size"] == {"MobileNetV3Small": 24, "MobileNetV3Large": 24, "EfficientNetV2B0": 32}[backbone]
     assert (tmp_path / "models" / "b.tflite").is_file()  # the LiteRT copy
     from simple_cnn.formats import read_metadata
 

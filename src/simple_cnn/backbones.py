@@ -41,7 +41,7 @@ class Backbone:
     # The share of the default batch (config.auto_batch_size) it trains on without --batch_size:
     # below 1 where the network's training command at the default batch comes too near the
     # 1.2 GB goal and a smaller batch keeps it under, with the recipe's epochs as fast
-    # (bench/README.md, "Memory: MobileNetV3Small's batch").
+    # (bench/README.md, "Memory: MobileNetV3Small's batch" and "Memory: a hard limit").
     batch_share: float = 1.0
 
     def build(self, image_size: int, weights=None, input_tensor=None):
@@ -69,7 +69,7 @@ BACKBONES = {
     b.name: b
     for b in (
         Backbone("MobileNetV3Small", "mobilenet_v3", _MOBILENET_V3.format("small"), "small_224_1.0_float", 0.75),
-        Backbone("MobileNetV3Large", "mobilenet_v3", _MOBILENET_V3.format("large"), "large_224_1.0_float"),
+        Backbone("MobileNetV3Large", "mobilenet_v3", _MOBILENET_V3.format("large"), "large_224_1.0_float", 0.75),
         Backbone("EfficientNetV2B0", "efficientnet_v2", "efficientnetv2-b0_notop.h5", "b0"),
     )
 }
