@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import CLASSES, assert_one_line_error, chromium, make_shapes_dataset, run_cli, start_cli
 from simple_cnn import quality
-from simple_cnn.audit import label_issues, normalized_margin
+from simple_cnn.audit import label_issues, self_confidence
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_audit_finds_planted_flips_and_unusable_images(audited):
     assert len(top & flipped) >= 4  # chance: 6 of 128 images
     assert len(found["label_issues"]) <= 3 * len(flipped)  # a short list, not a ranking of everything
     for s in found["label_issues"]:
-        assert s["given"] != s["suggested"] and 0 <= s["p_given"] <= 1 and s["score"] > -1
+        assert s["given"] != s["suggested"] and 0 <= s["p_given"] <= 1 and s["score"] == round(1 - s["p_given"], 4)
     problems = {i["file"]: " ".join(i["problems"]) for i in found["image_issues"]}
     assert "nearly black" in problems["circle/black.png"] and "nearly one colour" in problems["circle/black.png"]
     assert "aspect ratio" in problems["square/strip.png"]
@@ -97,7 +97,18 @@ def test_confident_learning_flags_confident_disagreements_only():
     p /= p.sum(axis=1, keepdims=True)
     found = label_issues(p, y)
     assert set(found) == {3, 60}
-    assert (np.diff(normalized_margin(p[found], y[found])) >= 0).all()  # worst first
+    assert (np.diff(self_confidence(p[found], y[found])) >= 0).all()  # worst first
+
+
+def test_suspects_are_ranked_by_how_unlikely_their_given_label_is():
+    """Self-confidence, not the normalized margin: of two confident disagreements, the label the network
+    finds less likely comes first, even where its margin to the other class is the smaller one."""
+    y = np.repeat(np.arange(3), 50)
+    p = np.full((150, 3), 0.04)
+    p[np.arange(150), y] = 0.92
+    p[3] = [0.02, 0.93, 0.05]  # labelled 0: p_given 0.02, margin -0.91
+    p[60] = [0.96, 0.04, 0.00]  # labelled 1: p_given 0.04, margin -0.92
+    assert list(label_issues(p, y)) == [3, 60]
 
 
 def test_quality_thresholds_flag_what_they_say():

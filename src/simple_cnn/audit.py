@@ -12,7 +12,10 @@
    confident joint counts given against confident classes, and each off-diagonal cell
    ``(i, j)`` with ``n`` images flags the ``n`` images labelled ``i`` with the largest
    margin of ``j`` over ``i`` ("prune by noise rate"). The flagged images are ranked by
-   their normalized margin: the probability of the given label minus the largest other.
+   their self-confidence, the probability of the given label, lowest first (cleanlab's
+   default label quality score): ranked by the normalized margin (that probability minus
+   the largest other) the list put the network's confident mistakes on correct labels above
+   wrong labels whose true class it was less sure of (bench/README.md, "Auditing labels").
 3. **Certain problems** beside them: copies filed under different classes (``duplicates.py``)
    and unusable images (``quality.py``).
 
@@ -176,7 +179,7 @@ def fit_and_score(data: Split, train: np.ndarray, held: np.ndarray, classes: int
 
 
 def label_issues(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Indices of the suspected label errors by confident learning, the worst (lowest normalized margin) first."""
+    """Indices of the suspected label errors by confident learning, the worst (lowest self-confidence; then margin) first."""
     classes = p.shape[1]
     thresholds = np.array([p[y == c, c].mean() if (y == c).any() else 1.0 for c in range(classes)])
     above = p >= thresholds
@@ -190,7 +193,12 @@ def label_issues(p: np.ndarray, y: np.ndarray) -> np.ndarray:
             if i != j and joint[i, j]:
                 flagged[mine[np.argsort(-(p[mine, j] - p[mine, i]), kind="stable")[: joint[i, j]]]] = True
     found = np.flatnonzero(flagged)
-    return found[np.argsort(normalized_margin(p[found], y[found]), kind="stable")]
+    return found[np.lexsort((normalized_margin(p[found], y[found]), self_confidence(p[found], y[found])))]
+
+
+def self_confidence(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The probability of the given label: the lower, the more likely the label is wrong."""
+    return p[np.arange(len(y)), y]
 
 
 def normalized_margin(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -203,9 +211,8 @@ def normalized_margin(p: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def describe_issues(found: np.ndarray, p: np.ndarray, data: Split, fold: np.ndarray, names: list[str]) -> list[dict]:
     """Each suspect: the given and suggested labels, the score and the evidence, worst first."""
-    margins = normalized_margin(p[found], data.y[found])
     out = []
-    for i, margin in zip(found, margins):
+    for i in found:
         others = p[i].copy()
         others[data.y[i]] = -1.0
         suggested = int(others.argmax())
@@ -214,7 +221,7 @@ def describe_issues(found: np.ndarray, p: np.ndarray, data: Split, fold: np.ndar
                 "file": printable(data.files[i]),
                 "given": names[data.y[i]],
                 "suggested": names[suggested],
-                "score": round(float(-margin), 4),  # higher: more surely wrong
+                "score": round(float(1 - p[i, data.y[i]]), 4),  # higher: more surely wrong (the ranking's order)
                 "p_given": round(float(p[i, data.y[i]]), 4),
                 "p_suggested": round(float(p[i, suggested]), 4),
                 "fold": int(fold[i]),
