@@ -216,13 +216,14 @@ def describe_issues(found: np.ndarray, p: np.ndarray, data: Split, fold: np.ndar
         others = p[i].copy()
         others[data.y[i]] = -1.0
         suggested = int(others.argmax())
+        p_given = float(p[i, data.y[i]])
         out.append(
             {
                 "file": printable(data.files[i]),
                 "given": names[data.y[i]],
                 "suggested": names[suggested],
-                "score": round(float(1 - p[i, data.y[i]]), 4),  # higher: more surely wrong (the ranking's order)
-                "p_given": round(float(p[i, data.y[i]]), 4),
+                "score": round(1 - p_given, 4),  # higher: more surely wrong (the ranking's order)
+                "p_given": round(p_given, 4),
                 "p_suggested": round(float(p[i, suggested]), 4),
                 "fold": int(fold[i]),
             }
