@@ -168,6 +168,8 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, trained):
         assert_one_line_error(run_cli(*mode_args, cwd=tmp_path), 1, "models/cnn_model.keras", "--mode train")
     # Classify: missing image, a text file, a corrupt image.
     assert_one_line_error(run_cli("--mode", "classify", "--single_image_path", "missing.jpg", cwd=work), 1, "missing.jpg")
+    folder = run_cli("--mode", "classify", "--single_image_path", tmp_path / "one", cwd=work)  # the wrong flag: usage
+    assert_one_line_error(folder, 2, "one is a folder", "--input_path")
     (tmp_path / "notes.jpg").write_text("not an image")
     bad = run_cli("--mode", "classify", "--single_image_path", tmp_path / "notes.jpg", cwd=work)
     assert_one_line_error(bad, 1, "notes.jpg", "not an image")

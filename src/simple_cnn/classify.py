@@ -17,7 +17,7 @@ import numpy as np
 
 from . import interrupts, multilabel, unknown
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig
-from .errors import DataError, printable
+from .errors import DataError, UsageError, printable
 from .files import atomic_output, csv_cell, ensure_writable_dir
 from .images import decode_images, image_files, read_image
 from .results import ClassifyManyResult, ClassifyResult, prediction, top_classes
@@ -152,8 +152,8 @@ def classify(
         unknown.require(metadata, model_path)
     if not image_path.exists():
         raise DataError(f"no image at {image_path}: check --single_image_path")
-    if image_path.is_dir():
-        raise DataError(f"{image_path} is a folder: give --single_image_path one image file, or --input_path a folder")
+    if image_path.is_dir():  # the wrong flag for a folder: a usage error
+        raise UsageError(f"{image_path} is a folder: give --single_image_path one image file, or --input_path a folder")
     predictor = Predictor(model_path, metadata, gradients=explain)  # checks the model before any decoding at its size
     unknown.check_predictor(predictor, unknown_by_distance)
     try:
