@@ -92,8 +92,11 @@ def test_init_from_beats_training_from_scratch_on_few_images_of_new_classes(pret
     assert from_old > from_scratch + 0.05, (from_old, from_scratch)
 
 
-def _train_backbone(tmp_path, backbone: str, model: str) -> dict:
-    """Train ``backbone`` from random weights for one epoch on two classes; its JSON summary."""
+BACKBONE_IMAGE = "ds/circle/test_000.png"  # one of the backbone tests' images, classified and served
+
+
+def _train_backbone(tmp_path, backbone: str, model: str) -> None:
+    """Train ``backbone`` from random weights for one epoch on two classes, and check what it wrote."""
     split_dataset(tmp_path / "ds", KINDS[:2], {"train": 12, "val": 4, "test": 4}, seed=3)
     args = ("--dataset_path", "ds", "--labels", "ds/labels.csv", "--model_file_path", model)
     trained = run_cli("--mode", "train", *args, "--backbone", backbone, "--weights", "none", "--epochs", "1", "--json",
@@ -107,11 +110,10 @@ def _train_backbone(tmp_path, backbone: str, model: str) -> dict:
     from simple_cnn.formats import read_metadata
 
     assert read_metadata(tmp_path / model)["backbone"] == backbone
-    return summary
 
 
 def _classify_with_litert(tmp_path, model: str) -> None:
-    image = tmp_path / "ds" / "circle" / "test_000.png"
+    image = tmp_path / BACKBONE_IMAGE
     classified = run_cli("--mode", "classify", "--model_file_path", model, "--single_image_path", image, "--json", cwd=tmp_path)
     assert classified.returncode == 0, classified.stderr
     answer = json.loads(classified.stdout)
@@ -142,7 +144,7 @@ def test_each_backbone_trains_tests_classifies_exports_and_serves(tmp_path, back
         assert exported.returncode == 0, (export, exported.stderr)
     if backbone != "MobileNetV3Small":
         return  # the server answers from the LiteRT copy, the same runner whatever network it holds
-    image = tmp_path / "ds" / "circle" / "test_000.png"
+    image = tmp_path / BACKBONE_IMAGE
     running = ServeProcess(start_cli("--mode", "serve", "--port", "0", "--model_file_path", model, cwd=tmp_path))
     try:
         request = urllib.request.Request(running.url + "/classify", image.read_bytes(), {"Content-Type": "image/png"})
