@@ -126,10 +126,10 @@ def stop_at_the_clock(seconds: float):
     return StopAtTheClock()
 
 
-def fit_keras_recipe(name: str, ds, minutes: float, quick: bool) -> dict:
+def fit_keras_recipe(name: str, ds, minutes: float, quick: bool, seed: int | None = None) -> dict:
     """Train a Keras peer on ``ds``'s training split until ``minutes`` run out (its epochs cut by
     the clock, the last one mid-epoch; its learning rate its own and constant). ``quick``: at 64
-    pixels (a smoke run)."""
+    pixels (a smoke run). ``seed`` None: 42."""
     from simple_cnn.pipeline import make_tf_dataset
     from simple_cnn.quiet import import_keras, import_tensorflow
     from simple_cnn.schedule import Plan, Schedule
@@ -140,7 +140,7 @@ def fit_keras_recipe(name: str, ds, minutes: float, quick: bool) -> dict:
     t = time.monotonic()
     train_split, val_split = ds.decode(ds.split("train"), image_size), ds.decode(ds.split("val"), image_size)
     decode_seconds = time.monotonic() - t
-    keras.utils.set_random_seed(42)
+    keras.utils.set_random_seed(42 if seed is None else seed)
     model = recipe.network(len(ds.class_names), image_size)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=recipe.from_logits)
     model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=loss, metrics=["accuracy"])
@@ -195,13 +195,14 @@ def require_ultralytics() -> None:
         raise SystemExit(f"no complete {PEERS_VENV}: run bash bench/peers/install.sh first (Ultralytics needs PyTorch)")
 
 
-def run_ultralytics(root: Path, minutes: float, image_size: int | None, work: Path, quick: bool) -> dict:
+def run_ultralytics(root: Path, minutes: float, image_size: int | None, work: Path, quick: bool, seed: int | None = None) -> dict:
     """Ultralytics trained and tested on ``root`` (:func:`export_split`) by ``ultralytics_run.py``
-    in its own environment; its JSON row. ``image_size`` None: its own default."""
+    in its own environment; its JSON row. ``image_size`` and ``seed`` None: its own defaults."""
     require_ultralytics()
     command = [str(PEERS_VENV / "bin" / "python"), str(HERE / "ultralytics_run.py"), "--data", str(root)]
     command += ["--minutes", str(minutes), "--work", str(work), *(["--imgsz", str(image_size)] if image_size else [])]
     command += ["--quick"] if quick else []
+    command += ["--seed", str(seed)] if seed is not None else []
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(work / "config")}  # nothing to fetch, nothing in $HOME
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:

@@ -6,7 +6,11 @@ each in a fresh process (so peak memory is its own), then are tested on the test
 Without --minutes, ours is the plain default (its own budget, config.AUTO_MINUTES) and
 the tutorial gets that budget; with it, ours runs with --max_minutes N.
 
-    python bench/train_bench.py --dataset PATH [--minutes N] [--output bench/results/train.json]
+    python bench/train_bench.py --dataset PATH [--minutes N] [--seed S] [--output bench/results/train.json]
+
+--seed gives every recipe the same seed (weights, shuffling, augmentation; the split is the
+stable hash's and does not change); without it each keeps its own default (ours 42, the Keras
+peers 42, Ultralytics 0).
 
 --dataset is any folder of class folders (bench/README.md used flowers-dev). Prints a table (test
 accuracy, training images/s, seconds per epoch, peak RSS, FLOPs per training image
@@ -114,11 +118,13 @@ def scored_by_test_mode(ds, files: list[str], ours: Path) -> np.ndarray:
     return np.isin(files, kept)
 
 
-def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, quick: bool = False) -> dict:
+def run_one(
+    recipe: str, dataset: Path, minutes: float | None, model_out: Path, quick: bool = False, seed: int | None = None
+) -> dict:
     """Train one recipe for ``minutes`` (None: ours as the default; a peer then gets
     config.AUTO_MINUTES) and test it (runs in its own process). ``quick``: a Keras peer at 64
     pixels, not 180 (a smoke run: the tutorial's 4-million-weight dense layer at 180 pixels
-    made it the slowest part of the test suite)."""
+    made it the slowest part of the test suite). ``seed`` None: the recipe's own default."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from simple_cnn.config import auto_batch_size
     from simple_cnn.dataset import ImageDataset
@@ -130,7 +136,8 @@ def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, 
     keras = import_keras()
     ds = ImageDataset.scan(dataset)
     if recipe == "simple_cnn":
-        summary = train(dataset, model_out, model_out.parent / "images", TrainConfig(max_minutes=minutes)).as_dict()
+        config = TrainConfig(max_minutes=minutes, **({} if seed is None else {"seed": seed}))
+        summary = train(dataset, model_out, model_out.parent / "images", config).as_dict()
         fitted = {
             "model": keras.models.load_model(model_out),
             "image_size": summary["image_size"],
@@ -142,7 +149,7 @@ def run_one(recipe: str, dataset: Path, minutes: float | None, model_out: Path, 
             "batch_size": auto_batch_size(summary["image_size"]),  # the default's batch, no --batch_size given
         }
     else:
-        fitted = fit_keras_recipe(recipe, ds, minutes or AUTO_MINUTES, quick)
+        fitted = fit_keras_recipe(recipe, ds, minutes or AUTO_MINUTES, quick, seed)
         metadata = {"class_names": ds.class_names, "image_size": fitted["image_size"], "val_split": 0.15, "test_split": 0.15}
         save_model(fitted["model"], model_out, metadata)
     train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -265,6 +272,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, help="a folder of class folders")
     parser.add_argument("--minutes", type=float, help="training budget per recipe (default: ours as the default, see above)")
+    parser.add_argument("--seed", type=int, help="one seed for every recipe (default: each its own)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train.json")
     parser.add_argument(
         "--peers",
@@ -300,7 +308,8 @@ def keras_row(args, recipe: str, work: Path) -> dict:
     ours has its LiteRT copy; a peer's model has none, so it runs on Keras, as its example does."""
     model_out = work / f"{recipe}.keras"
     budget = ("--minutes", str(args.minutes)) if args.minutes else ()
-    row = child(args, "--run", recipe, *budget, "--model_out", str(model_out), *(["--quick"] if args.quick else []))
+    seed = ("--seed", str(args.seed)) if args.seed is not None else ()
+    row = child(args, "--run", recipe, *budget, *seed, "--model_out", str(model_out), *(["--quick"] if args.quick else []))
     if args.quick:  # one classify process, not two: its time stands in for the cold start
         started = time.perf_counter()
         batch = throughput(model_out, args.dataset)
@@ -323,7 +332,7 @@ def ultralytics_rows(args, work: Path, ours: dict) -> dict:
     root = export_split(ImageDataset.scan(args.dataset), ours["scored_test_files"], work / "ultralytics_data")
     rows = {}
     for size in (None, ours["image_size"]):
-        row = run_ultralytics(root, args.minutes or AUTO_MINUTES, size, work / "ultralytics", args.quick)
+        row = run_ultralytics(root, args.minutes or AUTO_MINUTES, size, work / "ultralytics", args.quick, args.seed)
         rows[row["recipe"]] = row
         print(f"{row['recipe']}: done", file=sys.stderr)
     return rows
@@ -385,7 +394,7 @@ def main() -> None:
         print(json.dumps(run_feeds(args.dataset, args.image_size, *steps_rounds)))
         return
     if args.run:
-        print(json.dumps(run_one(args.run, args.dataset, args.minutes, args.model_out, args.quick)))
+        print(json.dumps(run_one(args.run, args.dataset, args.minutes, args.model_out, args.quick, args.seed)))
         return
 
     if "ultralytics" in args.peers:
@@ -413,6 +422,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "dataset": str(args.dataset),
         "minutes_per_recipe": args.minutes or AUTO_MINUTES,
+        "seed": args.seed,  # None: each recipe's own default
         "ours_as_default": args.minutes is None,
         "matmul_ceiling_gflops": round(ceiling, 1),
         "results": {name: {k: v for k, v in row.items() if k != "scored_test_files"} for name, row in rows.items()},

@@ -80,10 +80,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--imgsz", type=int, help="default: its own (224 for classify)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one classify process, figures not meaningful")
+    parser.add_argument("--seed", type=int, help="default: its own (0)")
     args = parser.parse_args()
     from ultralytics import YOLO
 
-    sizes = {"imgsz": args.imgsz} if args.imgsz else {}
+    options = {"imgsz": args.imgsz} if args.imgsz else {}
+    options |= {"seed": args.seed} if args.seed is not None else {}
     memory = PeakMemory()
     memory.start()
     started = time.monotonic()
@@ -91,7 +93,7 @@ def main() -> None:
     # An absolute project folder: Ultralytics puts a relative one under its own runs/ folder.
     model.train(
         data=str(args.data), pretrained=False, time=args.minutes / 60, device="cpu", plots=False,
-        project=str(args.work.resolve()), name="train", exist_ok=True, verbose=False, **sizes,
+        project=str(args.work.resolve()), name="train", exist_ok=True, verbose=False, **options,
     )  # fmt: skip
     train_seconds = time.monotonic() - started
     memory.running = False

@@ -24,14 +24,14 @@ def test_train_bench_compares_ours_with_the_keras_peers_and_the_input_pipeline(t
     output = tmp_path / "results" / "train.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--dataset", str(dataset), "--minutes", "0.1", "--quick", "--output", str(output)]
-        + ["--peers", "tutorial", "keras_io"],  # Ultralytics needs its own environment (bench/peers/install.sh)
+        + ["--peers", "tutorial", "keras_io", "--seed", "3"],  # Ultralytics needs its own environment (bench/peers/install.sh)
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
-    assert set(report["results"]) == {"simple_cnn", "tutorial", "keras_io"}
+    assert set(report["results"]) == {"simple_cnn", "tutorial", "keras_io"} and report["seed"] == 3
     for row in report["results"].values():
         assert 0 <= row["test_accuracy"] <= 1 and row["test_images"] > 0
         low, high = row["test_interval"]
