@@ -13,6 +13,7 @@ from pathlib import Path
 
 from conftest import CLASSES, add_copies, make_shapes_dataset
 from simple_cnn.dataset import ImageDataset
+from simple_cnn.formats import read_metadata
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_bench.py"
 
@@ -32,6 +33,8 @@ def test_train_bench_compares_ours_with_the_keras_peers_and_the_input_pipeline(t
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
     assert set(report["results"]) == {"simple_cnn", "tutorial", "keras_io"} and report["seed"] == 3
+    ours = read_metadata(output.parent / "train_bench_models" / "simple_cnn.keras")
+    assert ours["training"]["config"]["seed"] == 3  # --seed reached our training, not only the report
     for row in report["results"].values():
         assert 0 <= row["test_accuracy"] <= 1 and row["test_images"] > 0
         low, high = row["test_interval"]
