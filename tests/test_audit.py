@@ -122,3 +122,20 @@ def test_quality_thresholds_flag_what_they_say():
     assert all(p == [] for p in found[:10])
     assert any("one colour" in p for p in found[10])
     assert any("grayscale" in p for p in found[11]) and any("smaller" in p for p in found[11])
+
+
+def test_quality_measures_each_image_the_same_in_chunks():
+    """The measures come a chunk of images at a time (for memory); each image's are its own, in order."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 255, size=(quality.CHUNK + 3, 8, 8, 3), dtype=np.uint8)
+    x[quality.CHUNK - 1] = 0  # black, the last of the first chunk
+    x[quality.CHUNK] = 255  # white, the first of the second
+    sizes = [(64 + i, 48) for i in range(len(x))]
+    m = quality.measures(x, sizes)
+    for i in (0, quality.CHUNK - 1, quality.CHUNK, len(x) - 1):
+        alone = quality.measures(x[i : i + 1], sizes[i : i + 1])
+        assert {k: v[0] for k, v in alone.items()} == {k: v[i] for k, v in m.items()}, i
+    found = quality.problems(m, 8)
+    assert any("nearly black" in p for p in found[quality.CHUNK - 1])
+    assert any("nearly white" in p for p in found[quality.CHUNK])
+    assert quality.measures(x[:0], [])["sharpness"].shape == (0,)

@@ -19,6 +19,7 @@ TINY = 0.5  # the shorter side below this share of the audit's image size: upsca
 ASPECT = 3.0  # the longer side over the shorter beyond it: a strip, not a photo
 GREY = 2.0  # mean difference between colour channels below it: a grey image
 GREY_DATASET = 0.1  # a dataset is a colour one when fewer than this share of its images are grey
+CHUNK = 256  # images measured at a time
 
 
 def grey_levels(x: np.ndarray) -> np.ndarray:
@@ -28,17 +29,27 @@ def grey_levels(x: np.ndarray) -> np.ndarray:
 
 def measures(x: np.ndarray, sizes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
     """Every measure of every image: ``x`` the decoded pixels, ``sizes`` (width, height) from the headers."""
+    wide = np.array(sizes, dtype=np.float64).reshape(-1, 2)
+    # A chunk at a time: the float intermediates of the whole array at once are many times its
+    # decoded size, and were the audit's peak memory (bench/README.md, "Auditing labels").
+    chunks = [pixel_measures(x[i : i + CHUNK]) for i in range(0, max(len(x), 1), CHUNK)]
+    return {
+        **{name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]},
+        "short_side": wide.min(axis=1),
+        "aspect": wide.max(axis=1) / np.maximum(wide.min(axis=1), 1),
+    }
+
+
+def pixel_measures(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The measures read from the pixels ``x`` (uint8 ``[N, S, S, 3]``)."""
     from scipy.ndimage import laplace
 
     grey = grey_levels(x)
-    wide = np.array(sizes, dtype=np.float64).reshape(-1, 2)
     channels = x.astype(np.int16)
     return {
-        "sharpness": np.array([laplace(g).var() for g in grey]),
+        "sharpness": np.array([laplace(g).var() for g in grey], dtype=np.float32),
         "brightness": grey.mean(axis=(1, 2)),
         "contrast": grey.std(axis=(1, 2)),
-        "short_side": wide.min(axis=1),
-        "aspect": wide.max(axis=1) / np.maximum(wide.min(axis=1), 1),
         "colourfulness": np.abs(channels - channels.mean(axis=-1, keepdims=True)).mean(axis=(1, 2, 3)),
     }
 
