@@ -32,7 +32,8 @@ def measures(x: np.ndarray, sizes: list[tuple[int, int]]) -> dict[str, np.ndarra
     wide = np.array(sizes, dtype=np.float64).reshape(-1, 2)
     # A chunk at a time: the float intermediates of the whole array at once are many times its
     # decoded size, and were the audit's peak memory (bench/README.md, "Auditing labels").
-    chunks = [pixel_measures(x[i : i + CHUNK]) for i in range(0, max(len(x), 1), CHUNK)]
+    starts = range(0, len(x), CHUNK) or [0]  # no images: one empty chunk, so every measure is there, empty
+    chunks = [pixel_measures(x[i : i + CHUNK]) for i in starts]
     return {
         **{name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]},
         "short_side": wide.min(axis=1),
