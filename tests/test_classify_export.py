@@ -32,6 +32,7 @@ def test_classify_folder_to_csv(trained, new_images):
     assert _accuracy(rows, truth) >= 0.9
     assert all(len(r["top_k"].split(";")) == 3 for r in rows)
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+    assert "ignored 1 file in" in result.stderr and "(.txt 1)" in result.stderr  # notes.txt; .hidden.png is not counted
     assert "images/s" in result.stderr and "litert" in result.stderr
 
 

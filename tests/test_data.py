@@ -18,7 +18,7 @@ from simple_cnn.sources import ensure_digits_dataset
 from simple_cnn.splits import Layout
 
 
-def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
+def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path, caplog):
     root = make_shapes_dataset(tmp_path / "ds", per_class=3)
     (root / ".hidden_class").mkdir()
     shape_image("circle", np.random.default_rng(1)).save(root / ".hidden_class" / "x.png")
@@ -38,6 +38,10 @@ def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
     assert len(names) == 10
     assert "square/more/deeper/n.PNG" in names
     assert all(ds.class_names[r.label] == r.relpath.split("/")[0] for r in ds.images)
+    # The files left out for their suffix are said, once for the dataset; hidden ones are not counted.
+    said = [r.getMessage() for r in caplog.records if "without an image suffix" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"ignored 2 files in {root}" in said[0] and ".txt 1" in said[0] and ".db 1" in said[0]
 
 
 def test_every_supported_format_and_mode_decodes_to_rgb(tmp_path):

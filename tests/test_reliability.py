@@ -85,6 +85,8 @@ def _write_odd_files(cls: Path, rng) -> None:
     (cls / "folder_loop").symlink_to(cls, target_is_directory=True)
     base().save(cls / "unreadable.png")
     (cls / "unreadable.png").chmod(0)
+    base().save(cls / "microscope.tiff")  # a real image in a format not read: ignored, and said so
+    (cls / "notes.txt").write_text("not an image")
 
 
 SKIPPED = {  # file -> words of the reason
@@ -150,6 +152,14 @@ def test_odd_but_valid_image_is_used(odd_run, name):
     assert name not in skipped
     # A link to another image of the dataset is a copy of it: used, or set aside as a copy.
     assert name.replace("\\xe9", "\udce9") in odd_run["train_files"] or name in odd_run["set_aside"]
+
+
+def test_files_without_an_image_suffix_are_ignored_and_said(odd_run):
+    said = [line for line in odd_run["stderr"].splitlines() if "without an image suffix" in line]
+    assert len(said) == 1, odd_run["stderr"]
+    assert "ignored 2 files" in said[0] and ".tiff 1" in said[0] and ".txt 1" in said[0], said[0]
+    assert "only .bmp, .gif, .jpeg, .jpg, .png, .webp files are read" in said[0]
+    assert not any("microscope" in f for f in [*odd_run["train_files"], *(s["file"] for s in odd_run["skipped"])])
 
 
 def test_unreadable_file_is_skipped(odd_run):

@@ -19,7 +19,7 @@ from . import interrupts, multilabel, unknown
 from .config import DEFAULT_IMAGES_DIR, DEFAULT_MODEL, ClassifyConfig
 from .errors import DataError, UsageError, printable
 from .files import atomic_output, csv_cell, ensure_writable_dir
-from .images import decode_images, image_files, read_image
+from .images import READABLE, decode_images, images_in_folder, read_image
 from .results import ClassifyManyResult, ClassifyResult, prediction, top_classes
 from .runtime import Predictor, read_model_metadata
 
@@ -35,9 +35,9 @@ def find_inputs(input_path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = image_files(path)
+        found = images_in_folder(path)
         if not found:
-            raise DataError(f"no images (.jpg, .png, .bmp, .gif, .webp) in the folder {path}")
+            raise DataError(f"no images ({READABLE}) in the folder {path}")
         return sorted(found)
     if glob.has_magic(text):
         found = _glob(text)

@@ -39,7 +39,7 @@ from . import duplicates, sources, splits
 from .cache import load_cached
 from .duplicates import Copies, Fingerprints
 from .errors import DataError, UsageError, printable
-from .images import check_header, decode_images, try_each, usable_cpus
+from .images import READABLE, check_header, decode_images, try_each, usable_cpus
 from .labels import LabelsFile
 from .splits import SPLIT_SALT, SPLITS, Layout, split_of  # noqa: F401 (split_of and SPLIT_SALT: the dataset's API too)
 
@@ -190,7 +190,7 @@ class ImageDataset:
         if empty:
             raise DataError(
                 f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in {self.root} "
-                "hold no readable images (.jpg, .png, .bmp, .gif, .webp): add images or remove the folder"
+                f"hold no readable images ({READABLE}): add images or remove the folder"
             )
 
     def split(self, name: str) -> list[ImageRecord]:

@@ -11,17 +11,23 @@ declared size from the header (:func:`check_header`), the regular-file check
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import printable
 from .files import open_regular_file, os_reason
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+READABLE = ", ".join(sorted(IMAGE_SUFFIXES))  # for messages: what a user's files must end in
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
 # Images are refused above this many pixels before anything is decoded (a 40-megapixel
 # photo is fine; a "decompression bomb" declaring 50,000 x 50,000 pixels is not).
@@ -70,18 +76,45 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path, ignored: Counter | None = None) -> list[Path]:
     """Every image file under ``folder``, recursively, in a stable order.
 
     The one rule for what counts as an image file, for datasets and for classify:
     hidden files and folders are ignored, and so are files without an image suffix.
     Links to folders are not followed, so a link that loops never hangs the walk.
+    ``ignored``, when given, counts the files left out for their suffix, by suffix, so
+    that the caller can say so (:func:`ignored_line`): a folder of TIFFs must not
+    quietly become a smaller class, or an empty one.
     """
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(parent) / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        for name in sorted(f for f in files if not f.startswith(".")):
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                found.append(Path(parent) / name)
+            elif ignored is not None:
+                ignored[printable(suffix) or "no suffix"] += 1
     return found
+
+
+def images_in_folder(folder: Path) -> list[Path]:
+    """:func:`image_files` of one folder that a user named (classify's input, ``--unknown_path``),
+    with a warning for the files left out."""
+    found = image_files(folder, ignored := Counter())
+    if ignored:
+        log.warning(ignored_line(ignored, folder))
+    return found
+
+
+def ignored_line(ignored: Counter, where) -> str:
+    """One line for the files :func:`image_files` left out of ``where``: how many, their suffixes, what is read."""
+    kinds = ", ".join(f"{suffix} {n}" for suffix, n in ignored.most_common(5)) + (", ..." if len(ignored) > 5 else "")
+    total = sum(ignored.values())
+    return (
+        f"ignored {total} file{'s' if total > 1 else ''} in {printable(str(where))} without an image suffix ({kinds}): "
+        f"only {READABLE} files are read"
+    )
 
 
 def try_each(fn, items: list, threads: int | None = None) -> tuple[list, list[str | None]]:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .errors import DataError, printable
 from .files import atomic_dir, ensure_writable_dir
-from .images import image_files
+from .images import ignored_line, image_files
 from .labels import LabelsFile, read_labels_file
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,16 @@ def find(root: Path, labels=None, multi_label: bool | None = None) -> Source:
 def class_folders(root: Path) -> Source:
     """Each sub-folder of ``root`` is a class; images in its nested folders belong to it too.
     Links that lead outside the dataset (a class folder or an image) are not followed."""
-    source = Source(_class_folder_names(root), [])
+    source, ignored = Source(_class_folder_names(root), []), Counter()
     for label, name in enumerate(source.class_names):
-        for path in image_files(root / name):
+        for path in image_files(root / name, ignored):
             relpath = path.relative_to(root).as_posix()
             if path.is_symlink() and not inside(path, root):
                 source.skipped.append((relpath, "a link to a file outside the dataset (not followed)"))
             else:
                 source.candidates.append(Candidate(relpath, (label,)))
+    if ignored:
+        log.warning(ignored_line(ignored, root))
     return source
 
 

@@ -248,14 +248,14 @@ def unknown_images(folder) -> list:
     """The images of ``--unknown_path`` (a folder, searched recursively), or DataError naming it."""
     from pathlib import Path
 
-    from .images import image_files
+    from .images import READABLE, images_in_folder
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--unknown_path {folder} is not a folder: give a folder of images that belong to none of the classes")
-    found = sorted(image_files(folder))
+    found = sorted(images_in_folder(folder))
     if not found:
-        raise DataError(f"--unknown_path {folder} holds no images (.jpg, .png, .bmp, .gif, .webp)")
+        raise DataError(f"--unknown_path {folder} holds no images ({READABLE})")
     return found
 
 
