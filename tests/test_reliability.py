@@ -72,6 +72,7 @@ def _write_odd_files(cls: Path, rng) -> None:
     frames = [base(), base()]
     frames[0].save(cls / "animated.gif", save_all=True, append_images=frames[1:], loop=0)
     base().save(cls / "photo.webp")
+    base().save(cls / "browser.jfif", "JPEG")
     Image.new("RGB", (1, 1), (200, 0, 0)).save(cls / "one_pixel.png")
     base().save(cls / "with space.png")
     base().save(cls / "ünïcödé 名前.png")
@@ -106,6 +107,7 @@ USED = [
     "cmyk.jpg",
     "animated.gif",
     "photo.webp",
+    "browser.jfif",
     "one_pixel.png",
     "with space.png",
     "ünïcödé 名前.png",
@@ -158,7 +160,7 @@ def test_files_without_an_image_suffix_are_ignored_and_said(odd_run):
     said = [line for line in odd_run["stderr"].splitlines() if "without an image suffix" in line]
     assert len(said) == 1, odd_run["stderr"]
     assert "ignored 2 files" in said[0] and ".tiff 1" in said[0] and ".txt 1" in said[0], said[0]
-    assert "only .bmp, .gif, .jpeg, .jpg, .png, .webp files are read" in said[0]
+    assert "only .bmp, .gif, .jfif, .jpe, .jpeg, .jpg, .png, .webp files are read" in said[0]
     assert not any("microscope" in f for f in [*odd_run["train_files"], *(s["file"] for s in odd_run["skipped"])])
 
 

@@ -26,7 +26,8 @@ from .files import open_regular_file, os_reason
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+# .jfif and .jpe: JPEGs as some browsers save them. The format is read from the header either way.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp"}
 READABLE = ", ".join(sorted(IMAGE_SUFFIXES))  # for messages: what a user's files must end in
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
 # Images are refused above this many pixels before anything is decoded (a 40-megapixel
