@@ -92,6 +92,13 @@ def test_labels_file_quirks_are_read_and_bad_rows_skipped_with_their_reasons(tmp
     assert reasons["unknown split 'holdout'"] == 1 and table.skipped.count == 7
     tsv = write_labels(tmp_path / "labels.tsv", rows, delimiter="\t")
     assert len(read_labels_file(tsv, tmp_path).rows) == len(rows)
+    # As spreadsheets save them: semicolons where the comma is the decimal mark, and "Unicode text" (UTF-16, tabs).
+    semicolons = write_labels(tmp_path / "semicolons.csv", rows, delimiter=";")
+    unicode_text = write_labels(tmp_path / "unicode.txt", rows, delimiter="\t", encoding="utf-16", newline="\r\n")
+    assert unicode_text.read_bytes().startswith(b"\xff\xfe")
+    for path in (semicolons, unicode_text):
+        read = read_labels_file(path, tmp_path)
+        assert [(r.relpath, r.labels) for r in read.rows] == [(p, (label,)) for p, label in rows], path
 
 
 def test_a_million_row_labels_file_is_counted_not_listed(tmp_path):
@@ -132,6 +139,7 @@ def test_a_quote_that_is_never_closed_is_named_with_its_line(tmp_path):
         (b"path\nimages/x.png\n", "header row"),
         (b"path,label\nimages/nothing.png,circle\n", "no usable row"),
         (b"path,label\xff\n", "not UTF-8"),
+        (b"\xff\xfep\x00a\x00\x00\xd8", "not UTF-16"),  # a byte-order mark, then half a surrogate pair
     ],
 )
 def test_unusable_labels_files_are_usage_errors(tmp_path, content, words):

@@ -12,12 +12,14 @@ optional ``split`` column (``train``, ``val`` or ``test``) is followed as given;
 optional ``group`` column keeps images together in one split (``splits.py``). Several
 labels per image: a ``|``-separated cell, or, with ``--multi_label``, several rows for
 one path. The file is read with Python's ``csv`` module (quoted fields, commas inside
-quotes, Windows line ends), a byte-order mark is dropped, and rows that cannot be used are
-skipped and counted with their reasons, like unreadable images.
+quotes, Windows line ends), separated by commas, or by the semicolons or tabs its header
+line holds; UTF-8 (a byte-order mark is dropped) or UTF-16 with its byte-order mark. Rows
+that cannot be used are skipped and counted with their reasons, like unreadable images.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -94,12 +96,8 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     by the file (a ``|`` in a label cell)."""
     path = Path(path)
     content = _read_bytes(path)
-    try:
-        text = content.decode("utf-8-sig")  # drops a byte-order mark
-    except UnicodeDecodeError as e:
-        raise UsageError(f"the labels file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 CSV") from None
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    records = _records(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), path)
+    text = _text(content, path)
+    records = _records(csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text, path)), path)
     header = next(records, (1, None, 1))[1]
     columns = _columns(header, path)
     raw = list(_rows(records, columns, root))
@@ -118,6 +116,26 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
             + (f"; {skipped.summary()}" if skipped.count else "")
         )
     return found
+
+
+def _text(content: bytes, path: Path) -> str:
+    """The file as text: UTF-8 (a byte-order mark dropped), or UTF-16 if it starts with that byte-order mark
+    (what spreadsheets save as "Unicode text")."""
+    utf16 = content.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        return content.decode("utf-16" if utf16 else "utf-8-sig")
+    except UnicodeDecodeError as e:
+        what = "UTF-16 text" if utf16 else "UTF-8 text"
+        raise UsageError(f"the labels file {path} is not {what} (byte {e.start}): save it as UTF-8 CSV") from None
+
+
+def _delimiter(text: str, path: Path) -> str:
+    """A tab for a .tsv or .tab file; else the first of comma, semicolon and tab that the header line holds
+    (spreadsheets where a comma is the decimal mark save CSV with semicolons), a comma if none."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    header = text.split("\n", 1)[0]
+    return next((d for d in (",", ";", "\t") if d in header), ",")
 
 
 def _read_bytes(path: Path) -> bytes:
