@@ -132,6 +132,24 @@ def test_a_quote_that_is_never_closed_is_named_with_its_line(tmp_path):
     assert_one_line_error(result, 2, "labels.csv", f"from line {opened + 1} on", "never closed")
 
 
+def test_a_path_cell_without_its_folder_or_suffix_is_found_by_name(tmp_path, caplog):
+    """Kaggle's id columns (``0001`` for ``train/0001.jpg``): the one image whose path ends with the cell."""
+    rows = flat_dataset(tmp_path, per_class=6)
+    ids = [[Path(p).stem, label] for p, label in rows]  # neither folder nor suffix
+    (tmp_path / "other").mkdir()
+    for twin in ("images/twin.png", "other/twin.jpg"):
+        shape_image("circle", np.random.default_rng(len(twin))).save(tmp_path / twin)
+    extra = [["twin", "circle"], ["other/twin", "square"], ["gone", "circle"]]
+    path = write_labels(tmp_path / "labels.csv", ids + extra, header=("id", "breed"))
+    with caplog.at_level("INFO", logger="simple_cnn.labels"):
+        table = read_labels_file(path, tmp_path)
+    assert [(r.relpath, r.labels) for r in table.rows] == [(p, (label,)) for p, label in rows] + [("other/twin.jpg", ("square",))]
+    assert table.skipped.reasons == {"a name several images share": 1, "no such file": 1}, table.skipped.as_dict()
+    said = [r.getMessage() for r in caplog.records if "found by name" in r.getMessage()]
+    assert said == [f"{len(rows) + 1} rows of {path} name an image without its folder or suffix, found by name "
+                    f"({ids[0][0]}: {rows[0][0]})"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "content, words",
     [

@@ -23,13 +23,17 @@ import codecs
 import csv
 import hashlib
 import io
+import logging
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, UsageError, printable
 from .files import read_regular
+from .images import image_files
+
+log = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath")
 LABEL_COLUMNS = ("label", "labels", "class", "classes", "tags", "category")
@@ -100,7 +104,10 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     records = _records(csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text, path)), path)
     header = next(records, (1, None, 1))[1]
     columns = _columns(header, path)
-    raw = list(_rows(records, columns, root))
+    by_name = ByName(os.fspath(root))
+    raw = list(_rows(records, columns, root, by_name))
+    if by_name.found:
+        log.info(by_name.summary(path))
     if multi_label is None:
         multi_label = any(LABEL_SEPARATOR in row[1] for _, row in raw)
     skipped = SkippedRows()
@@ -184,7 +191,52 @@ def _records(reader, path: Path):
         yield line, row, reader.line_num - line + 1
 
 
-def _rows(records, columns: dict[str, int], root: Path):
+class ByName:
+    """The one image a path cell names without its folder or its suffix, as Kaggle's ``id`` columns do
+    (``0001`` for ``train/0001.jpg``): the image file of the dataset whose path ends with the cell, with
+    or without the file's suffix. The dataset is walked once, at the first cell not found as written."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.found = 0
+        self.example = ("", "")  # the first (cell, image found)
+        self._index: dict[str, list[str]] | None = None
+
+    def matches(self, cell: str) -> list[str]:
+        if self._index is None:
+            self._index = defaultdict(list)
+            for file in image_files(Path(self.folder)):
+                rel = file.relative_to(self.folder).as_posix()
+                name = rel.rsplit("/", 1)[-1]
+                self._index[name].append(rel)
+                self._index[name.rsplit(".", 1)[0]].append(rel)
+        return [rel for rel in self._index.get(cell.rsplit("/", 1)[-1], ()) if _names(rel, cell)]
+
+    def summary(self, path: Path) -> str:
+        cell, rel = self.example
+        rows = f"{self.found} row{'s' if self.found > 1 else ''}"
+        return f"{rows} of {path} name an image without its folder or suffix, found by name ({cell}: {rel})"
+
+
+def _names(rel: str, cell: str) -> bool:
+    """Does the path cell ``cell`` name the image file ``rel``: its end, whole names only, with or without the suffix?"""
+    return any(p == cell or p.endswith("/" + cell) for p in (rel, rel.rsplit(".", 1)[0]))
+
+
+def _found_by_name(relpath: str, reason: str, by_name: ByName, real_root: Path) -> tuple[str, str | None]:
+    """A path cell not found as written, looked for by name: (the image's path, why it cannot be used or None)."""
+    matches = by_name.matches(relpath)
+    if len(matches) > 1:
+        return relpath, f"a name several images share ({printable(relpath)[:60]}: {len(matches)} files)"
+    if not matches:
+        return relpath, reason
+    if not by_name.found:
+        by_name.example = (printable(relpath)[:60], printable(matches[0])[:60])
+    by_name.found += 1
+    return matches[0], _path_problem(matches[0], by_name.folder, real_root)
+
+
+def _rows(records, columns: dict[str, int], root: Path, by_name: ByName):
     """(line, (relpath, label cell, split, group)) of each row, or the reason it is skipped as the cell."""
     width = max(columns.values()) + 1
     folder = os.fspath(root)  # strings, not Paths: a labels file may hold a million rows
@@ -200,6 +252,8 @@ def _rows(records, columns: dict[str, int], root: Path):
             continue
         relpath = row[columns["path"]].strip().replace("\\", "/")
         reason = _path_problem(relpath, folder, real_root)
+        if reason is not None and reason.startswith("no such file"):
+            relpath, reason = _found_by_name(relpath, reason, by_name, real_root)
         split = row[columns["split"]].strip().lower() if "split" in columns else ""
         if reason is None and split and split not in SPLIT_NAMES:
             reason = f"unknown split {printable(split)[:20]!r} (train, val or test)"
