@@ -150,6 +150,28 @@ def test_a_path_cell_without_its_folder_or_suffix_is_found_by_name(tmp_path, cap
                     f"({ids[0][0]}: {rows[0][0]})"]  # fmt: skip
 
 
+def test_one_hot_label_columns_are_read_as_classes(tmp_path, caplog):
+    """Kaggle's one-hot layout (image_id,healthy,rust,scab with a 1 under the class), where column 1 used to be
+    taken for the label: a 0/1 classifier of the first class alone, without a word."""
+    rows = flat_dataset(tmp_path, per_class=6)
+    names = sorted(CLASSES)
+    one_hot = [[p, *("1" if label == c else "0" for c in names)] for p, label in rows]
+    with caplog.at_level("INFO", logger="simple_cnn.labels"):
+        table = read_labels_file(write_labels(tmp_path / "train.csv", one_hot, header=("image_id", *names)), tmp_path)
+    assert not table.multi_label and table.class_names == names
+    assert [(r.relpath, r.labels) for r in table.rows] == [(p, (label,)) for p, label in rows]
+    assert f"are its one-hot columns {', '.join(names)}" in caplog.text
+    # Several 1s make a multi-label file; a cell that is neither 0 nor 1, or no 1 at all, is skipped and counted.
+    mixed = [[rows[0][0], "1", "1", "0"], [rows[1][0], "0", "2", "0"], [rows[2][0], "0", "0.0", "0"], *one_hot[3:]]
+    table = read_labels_file(write_labels(tmp_path / "mixed.csv", mixed, header=("image_id", *names)), tmp_path)
+    assert table.multi_label and table.rows[0].labels == (names[0], names[1])
+    assert table.skipped.reasons == {"a one-hot cell that is neither 0 nor 1": 1, "an empty label": 1}
+    # One column of 0s and 1s is a binary label, not one-hot (Kaggle's id,has_cactus).
+    binary = [[p, "1" if label == names[0] else "0"] for p, label in rows]
+    table = read_labels_file(write_labels(tmp_path / "binary.csv", binary, header=("id", "has_cactus")), tmp_path)
+    assert table.class_names == ["0", "1"] and not table.multi_label
+
+
 @pytest.mark.parametrize(
     "content, words",
     [

@@ -7,7 +7,9 @@ The layout Kaggle and most published datasets use beside class folders::
     train/0002.jpg,cat|dog,,owner-17
 
 The path column is the first of :data:`PATH_COLUMNS` the header names (else the first
-column), the label column the first of :data:`LABEL_COLUMNS` (else the second). An
+column), the label column the first of :data:`LABEL_COLUMNS` (else the second, unless
+the columns are one-hot: :func:`_one_hot_columns`). A path cell that names no file is
+looked for by name (:class:`ByName`). An
 optional ``split`` column (``train``, ``val`` or ``test``) is followed as given; an
 optional ``group`` column keeps images together in one split (``splits.py``). Several
 labels per image: a ``|``-separated cell, or, with ``--multi_label``, several rows for
@@ -23,6 +25,7 @@ import codecs
 import csv
 import hashlib
 import io
+import itertools
 import logging
 import os
 from collections import Counter, defaultdict
@@ -41,6 +44,8 @@ LABEL_SEPARATOR = "|"
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MAX_LABELS_BYTES = 1 << 30  # a million rows of long paths is about 100 MB
 EXAMPLES_KEPT = 20  # skipped rows listed by name; the rest are counted by reason
+ONE_HOT = {"0", "1", "0.0", "1.0"}  # the cells of a one-hot label column (:func:`_one_hot_columns`)
+ONE_HOT_SAMPLE = 1000  # the rows that decide whether a file's label columns are one-hot
 
 
 @dataclass
@@ -104,12 +109,16 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     records = _records(csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text, path)), path)
     header = next(records, (1, None, 1))[1]
     columns = _columns(header, path)
+    sample = list(itertools.islice(records, ONE_HOT_SAMPLE))
+    one_hot = _one_hot_columns(header, columns, [row for _, row, _ in sample])
+    if one_hot:
+        log.info(f"the labels of {path} are its one-hot columns {', '.join(printable(name) for _, name in one_hot)}")
     by_name = ByName(os.fspath(root))
-    raw = list(_rows(records, columns, root, by_name))
+    raw = list(_rows(itertools.chain(sample, records), columns, one_hot, root, by_name))
     if by_name.found:
         log.info(by_name.summary(path))
     if multi_label is None:
-        multi_label = any(LABEL_SEPARATOR in row[1] for _, row in raw)
+        multi_label = any(relpath is not None and LABEL_SEPARATOR in cell for _, (relpath, cell, _, _) in raw)
     skipped = SkippedRows()
     rows = _merged(raw, multi_label, skipped)
     if not rows:
@@ -174,6 +183,33 @@ def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
     return columns
 
 
+def _one_hot_columns(header: list[str], columns: dict[str, int], sample: list[list[str]]) -> list[tuple[int, str]]:
+    """(index, class) of each label column of a one-hot file (Kaggle's ``image_id,healthy,rust,scab`` with a 1
+    under each image's class): where no column is named as the label, two or more columns besides the path,
+    split and group, and in nine in ten of the first rows ``sample`` or more, each of their cells is a 0 or a 1
+    (the rest are skipped and counted as rows). Else none."""
+    names = [h.strip().lower() for h in header]
+    if any(c in names for c in LABEL_COLUMNS):
+        return []
+    others = [i for i in range(len(header)) if i not in (columns["path"], columns.get("split"), columns.get("group"))]
+    rows = [row for row in sample if len(row) == len(header)]
+    binary = sum({row[i].strip() for i in others} <= ONE_HOT for row in rows)
+    if len(others) < 2 or not rows or binary < 0.9 * len(rows):
+        return []
+    return [(i, header[i].strip()) for i in others]
+
+
+def _label_cell(row: list[str], columns: dict[str, int], one_hot: list[tuple[int, str]]) -> tuple[str, str | None]:
+    """The row's label cell (several labels joined by LABEL_SEPARATOR), or why it has none."""
+    if not one_hot:
+        return row[columns["label"]], None
+    cells = [row[i].strip() for i, _ in one_hot]
+    bad = next((c for c in cells if c not in ONE_HOT), None)
+    if bad is not None:
+        return "", f"a one-hot cell that is neither 0 nor 1 ({printable(bad)[:20]})"
+    return LABEL_SEPARATOR.join(name for (_, name), c in zip(one_hot, cells) if float(c) == 1), None
+
+
 def _records(reader, path: Path):
     """(first line, cells) of each CSV record. A record that Python's csv cannot read (a field over its
     size limit: what a quote that is never closed makes of the rest of a large file) is one line."""
@@ -236,9 +272,9 @@ def _found_by_name(relpath: str, reason: str, by_name: ByName, real_root: Path) 
     return matches[0], _path_problem(matches[0], by_name.folder, real_root)
 
 
-def _rows(records, columns: dict[str, int], root: Path, by_name: ByName):
+def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root: Path, by_name: ByName):
     """(line, (relpath, label cell, split, group)) of each row, or the reason it is skipped as the cell."""
-    width = max(columns.values()) + 1
+    width = max([*columns.values(), *(i for i, _ in one_hot)]) + 1
     folder = os.fspath(root)  # strings, not Paths: a labels file may hold a million rows
     real_root = Path(os.path.realpath(folder))
     for line, row, lines in records:
@@ -258,10 +294,11 @@ def _rows(records, columns: dict[str, int], root: Path, by_name: ByName):
         if reason is None and split and split not in SPLIT_NAMES:
             reason = f"unknown split {printable(split)[:20]!r} (train, val or test)"
         group = row[columns["group"]].strip() if "group" in columns else ""
-        if reason is not None:
-            yield line, (None, reason, None, None)
+        cell, label_problem = _label_cell(row, columns, one_hot)
+        if reason is not None or label_problem is not None:
+            yield line, (None, reason or label_problem, None, None)
         else:
-            yield line, (relpath, row[columns["label"]], SPLIT_NAMES.get(split), group or None)
+            yield line, (relpath, cell, SPLIT_NAMES.get(split), group or None)
 
 
 def _path_problem(relpath: str, folder: str, real_root: Path) -> str | None:
