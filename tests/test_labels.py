@@ -69,6 +69,7 @@ def test_labels_file_quirks_are_read_and_bad_rows_skipped_with_their_reasons(tmp
     (tmp_path.parent / "outside.png").write_bytes(b"x")
     bad = [
         ["images/missing.png", "circle"],  # no such file
+        ["images/gone|too.png", "circle"],  # no such file: the | in its reason makes no multi-label file
         ["../outside.png", "circle"],  # outside the dataset
         ["images/unlabelled.png", " "],  # empty label
         [rows[2][0], "square"],  # listed again with another label (rows[2] is a circle)
@@ -87,9 +88,9 @@ def test_labels_file_quirks_are_read_and_bad_rows_skipped_with_their_reasons(tmp
     assert rows[2][0] not in kept and rows[4][0] not in kept and "images/unlabelled.png" not in kept
     assert len(kept) == len(rows) - 2 + 1
     reasons = table.skipped.reasons
-    assert reasons["no such file"] == 1 and reasons["a path outside the dataset"] == 1 and reasons["an empty label"] == 1
+    assert reasons["no such file"] == 2 and reasons["a path outside the dataset"] == 1 and reasons["an empty label"] == 1
     assert reasons["listed with conflicting labels or splits"] == 2 and reasons["listed twice"] == 1
-    assert reasons["unknown split 'holdout'"] == 1 and table.skipped.count == 7
+    assert reasons["unknown split 'holdout'"] == 1 and table.skipped.count == 8 and not table.multi_label
     tsv = write_labels(tmp_path / "labels.tsv", rows, delimiter="\t")
     assert len(read_labels_file(tsv, tmp_path).rows) == len(rows)
     # As spreadsheets save them: semicolons where the comma is the decimal mark, and "Unicode text" (UTF-16, tabs).
