@@ -44,6 +44,32 @@ def test_discovery_sorts_classes_and_ignores_hidden_and_non_images(tmp_path, cap
     assert f"ignored 2 files in {root}" in said[0] and ".txt 1" in said[0] and ".db 1" in said[0]
 
 
+def test_split_folders_of_class_folders_are_followed(tmp_path, caplog):
+    """train/ and test/ (any case), each of class folders, as ImageNet, Ultralytics and many Kaggle datasets
+    come: their splits are followed, and validation is drawn from train/ alone; with a val folder, nothing
+    is drawn. They used to be taken for two classes named train and test."""
+    root = tmp_path / "ds"
+    make_shapes_dataset(root / "train", per_class=20, seed=1)
+    make_shapes_dataset(root / "Test", per_class=4, seed=2)
+    with caplog.at_level("INFO", logger="simple_cnn.sources"):
+        ds = ImageDataset.scan(root)
+    assert ds.class_names == ["circle", "square", "triangle"]
+    assert all(ds.class_names[r.label] == r.relpath.split("/")[1] for r in ds.images)
+    set_aside = {relpath for relpath, _ in ds.copies.set_aside}
+    test_files = {f"Test/{p.parent.name}/{p.name}" for p in (root / "Test").rglob("*.png")}
+    assert {r.relpath for r in ds.split("test")} | set_aside == test_files and len(ds.split("test")) >= 10
+    assert all(r.relpath.startswith("train/") for r in ds.split("train") + ds.split("val"))
+    assert ds.per_class_counts()["val"] == {"circle": 3, "square": 3, "triangle": 3}  # 15 % of train/'s 20
+    assert "holds the split folders Test, train: followed; val images drawn from train/" in caplog.text
+    metadata = {"class_names": ds.class_names, "val_split": 0.15, "test_split": 0.15, "layout": ds.layout.as_metadata()}
+    again = ImageDataset.of_model(root, metadata, "model.keras")  # what test mode scans: the same splits
+    assert [(r.relpath, r.split) for r in again.images] == [(r.relpath, r.split) for r in ds.images]
+    make_shapes_dataset(root / "valid", per_class=2, seed=3)
+    ds = ImageDataset.scan(root)
+    assert {r.relpath.split("/")[0] for r in ds.split("val")} == {"valid"}
+    assert {r.relpath.split("/")[0] for r in ds.split("train")} == {"train"}
+
+
 def test_every_supported_format_and_mode_decodes_to_rgb(tmp_path):
     rng = np.random.default_rng(0)
     base = shape_image("circle", rng, size=40)

@@ -95,6 +95,7 @@ class ImageDataset:
     labels_file: LabelsFile | None = None
     multi_label: bool = False
     trained_on: int = 0  # test images not scored: the model trained on them (the dataset changed since)
+    drawn: tuple[str, ...] = ("val", "test")  # the splits drawn by the rule; split folders give the others
 
     # ------------------------------------------------------------------ 1. scan
 
@@ -110,7 +111,7 @@ class ImageDataset:
         root, layout = Path(root), layout or Layout()
         source = sources.find(root, layout.labels, layout.multi_label)
         dataset = cls(root, source.class_names, [], source.skipped, layout=layout, labels_file=source.labels_file)
-        dataset.multi_label = source.multi_label
+        dataset.multi_label, dataset.drawn = source.multi_label, source.drawn
         # Header checks wait on the disk more than on the CPU: twice the threads.
         found = source.candidates
         headers, errors = try_each(lambda c: check_header(root / c.relpath), found, threads=min(8, 2 * usable_cpus()))
@@ -166,7 +167,8 @@ class ImageDataset:
                     f"(e.g. {printable(self.images[0].relpath)!r}): the pattern is searched in the path inside the dataset"
                 )
         free = [r for r in self.images if r.split is None]
-        for r, split in zip(free, splits.assign([r.group or r.relpath for r in free], [r.label for r in free], self.layout)):
+        units, strata = [r.group or r.relpath for r in free], [r.label for r in free]
+        for r, split in zip(free, splits.assign(units, strata, self.layout, self.drawn)):
             r.split = split
 
     def _set_aside_identical_files(self) -> None:

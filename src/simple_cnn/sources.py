@@ -1,4 +1,5 @@
-"""Where a dataset's images and their labels come from: class folders, or a labels file.
+"""Where a dataset's images and their labels come from: class folders (or split folders of
+class folders), or a labels file.
 
 Either way the result is a :class:`Source`: the class names and, per image, its path in
 the dataset, its label indices, and the split or group a labels file gave it. Nothing is
@@ -19,7 +20,7 @@ from PIL import Image
 from .errors import DataError, printable
 from .files import atomic_dir, ensure_writable_dir
 from .images import ignored_line, image_files
-from .labels import LabelsFile, read_labels_file
+from .labels import SPLIT_NAMES, LabelsFile, read_labels_file
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Source:
     candidates: list[Candidate]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     labels_file: LabelsFile | None = None
+    drawn: tuple[str, ...] = ("val", "test")  # the splits the split rule draws; split folders give the others
 
     @property
     def multi_label(self) -> bool:
@@ -64,18 +66,66 @@ def find(root: Path, labels=None, multi_label: bool | None = None) -> Source:
 
 def class_folders(root: Path) -> Source:
     """Each sub-folder of ``root`` is a class; images in its nested folders belong to it too.
-    Links that lead outside the dataset (a class folder or an image) are not followed."""
+    Links that lead outside the dataset (a class folder or an image) are not followed.
+    Split folders of class folders instead (:func:`split_folders`): their splits are followed."""
+    if given := split_folders(root):
+        return _split_layout(root, given)
     source, ignored = Source(_class_folder_names(root), []), Counter()
     for label, name in enumerate(source.class_names):
-        for path in image_files(root / name, ignored):
-            relpath = path.relative_to(root).as_posix()
-            if path.is_symlink() and not inside(path, root):
-                source.skipped.append((relpath, "a link to a file outside the dataset (not followed)"))
-            else:
-                source.candidates.append(Candidate(relpath, (label,)))
+        _add_images(source, root, root / name, label, ignored)
     if ignored:
         log.warning(ignored_line(ignored, root))
     return source
+
+
+def split_folders(root: Path) -> dict[str, str]:
+    """{folder: split} where every folder of ``root`` is named as a split (``train``, ``val``/``valid``/
+    ``validation``, ``test``, in any case), one of them train, each holding folders (the layout of ImageNet,
+    Ultralytics' classify datasets and many Kaggle ones); else {}."""
+    if not root.is_dir():
+        return {}
+    try:
+        folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+        given = {name: SPLIT_NAMES.get(name.lower()) for name in folders}
+        if not given or None in given.values() or "train" not in given.values() or len(set(given.values())) < len(given):
+            return {}
+        if all(any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root / name)) for name in given):
+            return given
+    except OSError:
+        pass
+    return {}
+
+
+def _split_layout(root: Path, given: dict[str, str]) -> Source:
+    """The images of split folders of class folders: the classes are all their class folders; a split with
+    no folder of its own (validation, test) is drawn from the train folder by the usual rule."""
+    classes = {folder: _folders(root / folder) for folder in given}
+    names = sorted(set().union(*classes.values()))
+    if len(names) < 2:
+        raise DataError(f"the split folders of {root} ({', '.join(sorted(given))}) need at least two class folders in all")
+    drawn = tuple(s for s in ("val", "test") if s not in given.values())
+    train = next(folder for folder, split in given.items() if split == "train")
+    log.info(
+        f"{root} holds the split folders {', '.join(sorted(given))}: followed"
+        + (f"; {' and '.join(drawn)} images drawn from {printable(train)}/" if drawn else "")
+    )
+    source, ignored = Source(names, [], drawn=drawn), Counter()
+    for folder, split in sorted(given.items()):
+        for name in classes[folder]:
+            _add_images(source, root, root / folder / name, names.index(name), ignored, None if split == "train" else split)
+    if ignored:
+        log.warning(ignored_line(ignored, root))
+    return source
+
+
+def _add_images(source: Source, root: Path, folder: Path, label: int, ignored: Counter, split: str | None = None) -> None:
+    """The images of one class folder, as candidates of ``source`` (``split``: the one its split folder gives)."""
+    for path in image_files(folder, ignored):
+        relpath = path.relative_to(root).as_posix()
+        if path.is_symlink() and not inside(path, root):
+            source.skipped.append((relpath, "a link to a file outside the dataset (not followed)"))
+        else:
+            source.candidates.append(Candidate(relpath, (label,), split))
 
 
 def check_class_name(name: str, root: Path) -> None:
@@ -102,6 +152,15 @@ def _check_root(root: Path, what: str) -> None:
 def _class_folder_names(root: Path) -> list[str]:
     """The class folders of ``root``, sorted; links that lead outside it are not followed."""
     _check_root(root, "a folder with one sub-folder per class (or --labels FILE)")
+    class_names = _folders(root)
+    if len(class_names) < 2:
+        found = f"only {printable(class_names[0])!r}" if class_names else "none"
+        raise DataError(f"dataset folder {root} needs at least two class sub-folders (found {found}), or --labels FILE")
+    return class_names
+
+
+def _folders(root: Path) -> list[str]:
+    """The folders of ``root`` that are classes, sorted: not hidden, and not links that lead outside it."""
     try:
         folders = sorted((e.name, e.is_symlink()) for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     except PermissionError:
@@ -114,9 +173,6 @@ def _class_folder_names(root: Path) -> list[str]:
     class_names = [name for name, _ in folders if name not in outside]
     for name in class_names:
         check_class_name(name, root)
-    if len(class_names) < 2:
-        found = f"only {printable(class_names[0])!r}" if class_names else "none"
-        raise DataError(f"dataset folder {root} needs at least two class sub-folders (found {found}), or --labels FILE")
     return class_names
 
 

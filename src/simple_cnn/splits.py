@@ -96,10 +96,11 @@ def group_of(relpath: str, pattern: re.Pattern) -> str | None:
     return match.group(1) if pattern.groups else match.group(0)
 
 
-def assign(units: list[str], strata: list[int], layout: Layout) -> list[str]:
-    """The split of each image, given its unit (its own path, or its group) and its class."""
+def assign(units: list[str], strata: list[int], layout: Layout, drawn=("val", "test")) -> list[str]:
+    """The split of each image, given its unit (its own path, or its group) and its class. ``drawn``: the
+    splits drawn from these units besides train (a split the dataset gives otherwise, as its folders do, is not)."""
     if layout.split_method == "hash":
-        return [split_of(u, layout.val_split, layout.test_split) for u in units]
+        return [split_of(u, layout.val_split * ("val" in drawn), layout.test_split * ("test" in drawn)) for u in units]
     size = Counter(units)
     votes: dict[str, Counter] = defaultdict(Counter)
     for unit, stratum in zip(units, strata):
@@ -109,15 +110,16 @@ def assign(units: list[str], strata: list[int], layout: Layout) -> list[str]:
         by_stratum[counts.most_common(1)[0][0]].append(unit)
     chosen = {}
     for members in by_stratum.values():
-        chosen |= _fill(sorted(members, key=hash_fraction), size, layout)
+        chosen |= _fill(sorted(members, key=hash_fraction), size, layout, drawn)
     return [chosen[u] for u in units]
 
 
-def _fill(ranked: list[str], size: Counter, layout: Layout) -> dict[str, str]:
+def _fill(ranked: list[str], size: Counter, layout: Layout, drawn) -> dict[str, str]:
     """Units of one class in rank order: test first, then validation, to their shares of the images."""
     images = sum(size[u] for u in ranked)
     least = 1 if len(ranked) >= MIN_STRATIFIED else 0
-    wanted = {"test": max(least, round(layout.test_split * images)), "val": max(least, round(layout.val_split * images))}
+    share = {"test": layout.test_split, "val": layout.val_split}
+    wanted = {s: max(least, round(share[s] * images)) if s in drawn else 0 for s in ("test", "val")}
     taken = {"test": 0, "val": 0}
     chosen = {}
     for i, unit in enumerate(ranked):
