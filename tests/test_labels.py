@@ -173,6 +173,20 @@ def test_one_hot_label_columns_are_read_as_classes(tmp_path, caplog):
     assert table.class_names == ["0", "1"] and not table.multi_label
 
 
+def test_a_tags_column_separated_by_spaces_is_multi_label_and_a_label_column_keeps_its_spaces(tmp_path, caplog):
+    """Planet's image_name,tags (``haze primary``), where each combination of tags used to be one class."""
+    rows = flat_dataset(tmp_path, per_class=4)
+    tags = [[Path(p).stem, f"{label} shape" if i % 2 else label] for i, (p, label) in enumerate(rows)]
+    with caplog.at_level("INFO", logger="simple_cnn.labels"):
+        table = read_labels_file(write_labels(tmp_path / "tags.csv", tags, header=("image_name", "tags")), tmp_path)
+    assert table.multi_label and table.class_names == ["circle", "shape", "square", "triangle"]
+    assert [r.labels for r in table.rows][:2] == [("circle",), ("circle", "shape")]
+    assert "the tags of" in caplog.text and "are separated by spaces" in caplog.text
+    spaced = [[p, f"{label} shape"] for p, label in rows]  # one class may be called "circle shape"
+    table = read_labels_file(write_labels(tmp_path / "labels.csv", spaced, header=("path", "label")), tmp_path)
+    assert not table.multi_label and table.class_names == ["circle shape", "square shape", "triangle shape"]
+
+
 @pytest.mark.parametrize(
     "content, words",
     [

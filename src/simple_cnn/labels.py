@@ -117,10 +117,14 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     raw = list(_rows(itertools.chain(sample, records), columns, one_hot, root, by_name))
     if by_name.found:
         log.info(by_name.summary(path))
+    separator = LABEL_SEPARATOR
+    if _tags_by_spaces(header, columns, one_hot, raw):
+        log.info(f"the tags of {path} are separated by spaces: each is a label")
+        separator = None  # str.split's whitespace
     if multi_label is None:
-        multi_label = any(relpath is not None and LABEL_SEPARATOR in cell for _, (relpath, cell, _, _) in raw)
+        multi_label = any(relpath is not None and len(cell.split(separator)) > 1 for _, (relpath, cell, _, _) in raw)
     skipped = SkippedRows()
-    rows = _merged(raw, multi_label, skipped)
+    rows = _merged(raw, multi_label, skipped, separator)
     if not rows:
         raise UsageError(f"the labels file {path} holds no usable row ({skipped.summary() or 'it is empty'}): check its paths")
     found = LabelsFile(
@@ -197,6 +201,16 @@ def _one_hot_columns(header: list[str], columns: dict[str, int], sample: list[li
     if len(others) < 2 or not rows or binary < 0.9 * len(rows):
         return []
     return [(i, header[i].strip()) for i in others]
+
+
+def _tags_by_spaces(header: list[str], columns: dict[str, int], one_hot: list, raw: list) -> bool:
+    """Is the label column named ``tags``, with its labels separated by spaces (Planet's ``image_name,tags``:
+    ``haze primary``): some kept cell holds a space and none a ``|``? A column named ``label`` or ``class``
+    keeps its spaces: one class may be called ``red rose``."""
+    if one_hot or header[columns["label"]].strip().lower() != "tags":
+        return False
+    cells = [cell for _, (relpath, cell, _, _) in raw if relpath is not None]
+    return any(" " in cell.strip() for cell in cells) and not any(LABEL_SEPARATOR in cell for cell in cells)
 
 
 def _label_cell(row: list[str], columns: dict[str, int], one_hot: list[tuple[int, str]]) -> tuple[str, str | None]:
@@ -319,12 +333,12 @@ def _path_problem(relpath: str, folder: str, real_root: Path) -> str | None:
     return None
 
 
-def _labels_of(cell: str, multi_label: bool) -> tuple[str, ...]:
-    parts = cell.split(LABEL_SEPARATOR) if multi_label else [cell]
+def _labels_of(cell: str, multi_label: bool, separator: str | None = LABEL_SEPARATOR) -> tuple[str, ...]:
+    parts = cell.split(separator) if multi_label else [cell]
     return tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
 
 
-def _merged(raw, multi_label: bool, skipped: SkippedRows) -> list[LabelRow]:
+def _merged(raw, multi_label: bool, skipped: SkippedRows, separator: str | None) -> list[LabelRow]:
     """One row per path: several rows of a path are joined (multi-label) or must agree (single-label)."""
     by_path: dict[str, LabelRow] = {}
     first_line: dict[str, int] = {}
@@ -333,7 +347,7 @@ def _merged(raw, multi_label: bool, skipped: SkippedRows) -> list[LabelRow]:
         if relpath is None:
             skipped.add(line, cell)
             continue
-        labels = _labels_of(cell, multi_label)
+        labels = _labels_of(cell, multi_label, separator)
         bad = next((label for label in labels if printable(label) != label), None)
         if not labels or bad is not None:
             skipped.add(line, "an empty label" if not labels else f"a label with a control character ({printable(bad)[:40]})")
