@@ -185,6 +185,13 @@ def test_a_tags_column_separated_by_spaces_is_multi_label_and_a_label_column_kee
     spaced = [[p, f"{label} shape"] for p, label in rows]  # one class may be called "circle shape"
     table = read_labels_file(write_labels(tmp_path / "labels.csv", spaced, header=("path", "label")), tmp_path)
     assert not table.multi_label and table.class_names == ["circle shape", "square shape", "triangle shape"]
+    # --no-multi_label: spaces are kept, and a | cell is refused as documented (it used to become a class "circle|square").
+    kept = read_labels_file(tmp_path / "tags.csv", tmp_path, multi_label=False)
+    assert "circle shape" in kept.class_names and not kept.multi_label
+    piped = write_labels(tmp_path / "piped.csv", [[rows[0][0], "circle|square"], *rows[1:]])
+    refused = read_labels_file(piped, tmp_path, multi_label=False)
+    assert refused.skipped.reasons == {"several labels for one image": 1}
+    assert refused.class_names == ["circle", "square", "triangle"]
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     if by_name.found:
         log.info(by_name.summary(path))
     separator = LABEL_SEPARATOR
-    if _tags_by_spaces(header, columns, one_hot, raw):
+    if multi_label is not False and _tags_by_spaces(header, columns, one_hot, raw):
         log.info(f"the tags of {path} are separated by spaces: each is a label")
         separator = None  # str.split's whitespace
     if multi_label is None:
@@ -333,9 +333,8 @@ def _path_problem(relpath: str, folder: str, real_root: Path) -> str | None:
     return None
 
 
-def _labels_of(cell: str, multi_label: bool, separator: str | None = LABEL_SEPARATOR) -> tuple[str, ...]:
-    parts = cell.split(separator) if multi_label else [cell]
-    return tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+def _labels_of(cell: str, separator: str | None = LABEL_SEPARATOR) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p.strip() for p in cell.split(separator) if p.strip()))
 
 
 def _merged(raw, multi_label: bool, skipped: SkippedRows, separator: str | None) -> list[LabelRow]:
@@ -347,7 +346,7 @@ def _merged(raw, multi_label: bool, skipped: SkippedRows, separator: str | None)
         if relpath is None:
             skipped.add(line, cell)
             continue
-        labels = _labels_of(cell, multi_label, separator)
+        labels = _labels_of(cell, separator)
         bad = next((label for label in labels if printable(label) != label), None)
         if not labels or bad is not None:
             skipped.add(line, "an empty label" if not labels else f"a label with a control character ({printable(bad)[:40]})")
