@@ -182,12 +182,19 @@ def test_class_names_with_spaces_and_non_ascii_work(odd_run):
 
 @pytest.mark.parametrize(
     "layout, words",
-    [("empty_class", "no readable images"), ("single_class", "at least two"), ("file", "is a file")],
+    [
+        ("empty_class", "no readable images"),
+        ("single_class", "at least two"),
+        ("file", "is a file"),
+        ("wrapped", "holds one folder, photos, which holds 3 folders: give --dataset_path"),  # as an archive unpacks
+    ],
 )
 def test_unusable_dataset_is_one_clear_line(tmp_path, layout, words):
     root = tmp_path / "ds"
     if layout == "file":
         root.write_text("not a folder")
+    elif layout == "wrapped":
+        make_shapes_dataset(root / "photos", per_class=3)
     else:
         make_shapes_dataset(root, per_class=3)
         if layout == "empty_class":

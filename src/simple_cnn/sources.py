@@ -153,6 +153,11 @@ def _class_folder_names(root: Path) -> list[str]:
     """The class folders of ``root``, sorted; links that lead outside it are not followed."""
     _check_root(root, "a folder with one sub-folder per class (or --labels FILE)")
     class_names = _folders(root)
+    if len(class_names) == 1 and len(inner := _folders(root / class_names[0])) >= 2:  # as an archive often unpacks
+        raise DataError(
+            f"dataset folder {root} holds one folder, {printable(class_names[0])}, which holds {len(inner)} folders: "
+            f"give --dataset_path {printable(str(root / class_names[0]))}"
+        )
     if len(class_names) < 2:
         found = f"only {printable(class_names[0])!r}" if class_names else "none"
         raise DataError(f"dataset folder {root} needs at least two class sub-folders (found {found}), or --labels FILE")
