@@ -194,6 +194,22 @@ def test_a_tags_column_separated_by_spaces_is_multi_label_and_a_label_column_kee
     assert refused.class_names == ["circle", "square", "triangle"]
 
 
+def test_the_label_column_is_found_by_name_or_said(tmp_path, caplog):
+    """SIIM's image_name,patient_id,sex,target used to train a classifier of patient ids (the second column)."""
+    rows = flat_dataset(tmp_path, per_class=4)
+    siim = [[Path(p).stem, f"patient{i % 3}", "female", label] for i, (p, label) in enumerate(rows)]
+    header = ("image_name", "patient_id", "sex", "target")
+    table = read_labels_file(write_labels(tmp_path / "siim.csv", siim, header=header), tmp_path)
+    assert table.class_names == sorted(CLASSES) and [r.relpath for r in table.rows] == [p for p, _ in rows]
+    flipped = [[label, p] for p, label in rows]  # the path named, though not first
+    table = read_labels_file(write_labels(tmp_path / "flipped.csv", flipped, header=("breed", "id")), tmp_path)
+    assert [(r.relpath, r.labels) for r in table.rows] == [(p, (label,)) for p, label in rows]
+    unnamed = [[p, label, "a note"] for p, label in rows]
+    with caplog.at_level("WARNING", logger="simple_cnn.labels"):
+        table = read_labels_file(write_labels(tmp_path / "unnamed.csv", unnamed, header=("file", "species", "notes")), tmp_path)
+    assert table.class_names == sorted(CLASSES) and "its column 'species' is taken as the label" in caplog.text
+
+
 @pytest.mark.parametrize(
     "content, words",
     [

@@ -38,8 +38,8 @@ from .images import image_files
 
 log = logging.getLogger(__name__)
 
-PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath")
-LABEL_COLUMNS = ("label", "labels", "class", "classes", "tags", "category")
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath", "image_id", "image_name", "id")
+LABEL_COLUMNS = ("label", "labels", "class", "classes", "tags", "category", "target")
 LABEL_SEPARATOR = "|"
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MAX_LABELS_BYTES = 1 << 30  # a million rows of long paths is about 100 MB
@@ -113,6 +113,11 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     one_hot = _one_hot_columns(header, columns, [row for _, row, _ in sample])
     if one_hot:
         log.info(f"the labels of {path} are its one-hot columns {', '.join(printable(name) for _, name in one_hot)}")
+    elif len(header) > 2 and not any(h.strip().lower() in LABEL_COLUMNS for h in header):
+        log.warning(
+            f"the labels file {path} names no label column ({', '.join(LABEL_COLUMNS)}): its column "
+            f"{printable(header[columns['label']])!r} is taken as the label"
+        )
     by_name = ByName(os.fspath(root))
     raw = list(_rows(itertools.chain(sample, records), columns, one_hot, root, by_name))
     if by_name.found:
@@ -175,13 +180,12 @@ def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
             f"(found {printable(','.join(header or []))[:80]!r})"
         )
     names = [h.strip().lower() for h in header]
-    columns = {
-        "path": next((names.index(c) for c in PATH_COLUMNS if c in names), 0),
-        "label": next((names.index(c) for c in LABEL_COLUMNS if c in names), 1),
-    }
+    columns = {"path": next((names.index(c) for c in PATH_COLUMNS if c in names), 0)}
     for optional in ("split", "group"):
         if optional in names:
             columns[optional] = names.index(optional)
+    others = [i for i in range(len(names)) if i not in columns.values()]
+    columns["label"] = next((names.index(c) for c in LABEL_COLUMNS if c in names), others[0] if others else columns["path"])
     if columns["path"] == columns["label"]:
         raise UsageError(f"the labels file {path}: the path and the label are the same column ({header[columns['path']]!r})")
     return columns
