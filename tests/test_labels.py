@@ -199,8 +199,12 @@ def test_the_label_column_is_found_by_name_or_said(tmp_path, caplog):
     rows = flat_dataset(tmp_path, per_class=4)
     siim = [[Path(p).stem, f"patient{i % 3}", "female", label] for i, (p, label) in enumerate(rows)]
     header = ("image_name", "patient_id", "sex", "target")
-    table = read_labels_file(write_labels(tmp_path / "siim.csv", siim, header=header), tmp_path)
+    with caplog.at_level("INFO", logger="simple_cnn.labels"):
+        table = read_labels_file(write_labels(tmp_path / "siim.csv", siim, header=header), tmp_path)
     assert table.class_names == sorted(CLASSES) and [r.relpath for r in table.rows] == [p for p, _ in rows]
+    # One patient's images are one unit of the split (they used to be split apart, and test scored the patient).
+    assert table.has_group and [r.group for r in table.rows] == [f"patient{i % 3}" for i in range(len(rows))]
+    assert "grouped by its column 'patient_id'" in caplog.text
     flipped = [[label, p] for p, label in rows]  # the path named, though not first
     table = read_labels_file(write_labels(tmp_path / "flipped.csv", flipped, header=("breed", "id")), tmp_path)
     assert [(r.relpath, r.labels) for r in table.rows] == [(p, (label,)) for p, label in rows]

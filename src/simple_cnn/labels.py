@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath", "image_id", "image_name", "id")
 LABEL_COLUMNS = ("label", "labels", "class", "classes", "tags", "category", "target")
+# Images of one patient or subject are one unit of the split: across splits, a test score would reward
+# recognising the patient, not the finding.
+GROUP_COLUMNS = ("group", "group_id", "patient_id", "patient", "subject_id", "subject")
 LABEL_SEPARATOR = "|"
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MAX_LABELS_BYTES = 1 << 30  # a million rows of long paths is about 100 MB
@@ -111,13 +114,7 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     columns = _columns(header, path)
     sample = list(itertools.islice(records, ONE_HOT_SAMPLE))
     one_hot = _one_hot_columns(header, columns, [row for _, row, _ in sample])
-    if one_hot:
-        log.info(f"the labels of {path} are its one-hot columns {', '.join(printable(name) for _, name in one_hot)}")
-    elif len(header) > 2 and not any(h.strip().lower() in LABEL_COLUMNS for h in header):
-        log.warning(
-            f"the labels file {path} names no label column ({', '.join(LABEL_COLUMNS)}): its column "
-            f"{printable(header[columns['label']])!r} is taken as the label"
-        )
+    _say_columns(path, header, columns, one_hot)
     by_name = ByName(os.fspath(root))
     raw = list(_rows(itertools.chain(sample, records), columns, one_hot, root, by_name))
     if by_name.found:
@@ -181,14 +178,29 @@ def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
         )
     names = [h.strip().lower() for h in header]
     columns = {"path": next((names.index(c) for c in PATH_COLUMNS if c in names), 0)}
-    for optional in ("split", "group"):
-        if optional in names:
-            columns[optional] = names.index(optional)
+    if "split" in names:
+        columns["split"] = names.index("split")
+    group = next((names.index(c) for c in GROUP_COLUMNS if c in names), None)
+    if group is not None and group not in columns.values() and len(names) - len(columns) > 1:  # one left for the label
+        columns["group"] = group
     others = [i for i in range(len(names)) if i not in columns.values()]
     columns["label"] = next((names.index(c) for c in LABEL_COLUMNS if c in names), others[0] if others else columns["path"])
     if columns["path"] == columns["label"]:
         raise UsageError(f"the labels file {path}: the path and the label are the same column ({header[columns['path']]!r})")
     return columns
+
+
+def _say_columns(path: Path, header: list[str], columns: dict[str, int], one_hot: list) -> None:
+    """Say which columns were taken where the header did not name them plainly."""
+    if one_hot:
+        log.info(f"the labels of {path} are its one-hot columns {', '.join(printable(name) for _, name in one_hot)}")
+    elif len(header) > 2 and not any(h.strip().lower() in LABEL_COLUMNS for h in header):
+        log.warning(
+            f"the labels file {path} names no label column ({', '.join(LABEL_COLUMNS)}): its column "
+            f"{printable(header[columns['label']])!r} is taken as the label"
+        )
+    if "group" in columns and (name := header[columns["group"]]).strip().lower() != "group":
+        log.info(f"the images of {path} are grouped by its column {printable(name)!r}: a group stays in one split")
 
 
 def _one_hot_columns(header: list[str], columns: dict[str, int], sample: list[list[str]]) -> list[tuple[int, str]]:
