@@ -95,7 +95,7 @@ class ImageDataset:
     labels_file: LabelsFile | None = None
     multi_label: bool = False
     trained_on: int = 0  # test images not scored: the model trained on them (the dataset changed since)
-    drawn: tuple[str, ...] = ("val", "test")  # the splits drawn by the rule; split folders give the others
+    drawn: tuple[str, ...] = splits.HELD_OUT  # the splits drawn by the rule; split folders give the others
 
     # ------------------------------------------------------------------ 1. scan
 

@@ -7,8 +7,8 @@ The layout Kaggle and most published datasets use beside class folders::
     train/0002.jpg,cat|dog,,owner-17
 
 The path column is the first of :data:`PATH_COLUMNS` the header names (else the first
-column), the label column the first of :data:`LABEL_COLUMNS` (else the second, unless
-the columns are one-hot: :func:`_one_hot_columns`). A path cell that names no file is
+column), the label column the first of :data:`LABEL_COLUMNS` (else the first column that is
+not the path, split or group, unless the columns are one-hot: :func:`_one_hot_columns`). A path cell that names no file is
 looked for by name (:class:`ByName`). An
 optional ``split`` column (``train``, ``val`` or ``test``) is followed as given; an
 optional ``group`` column keeps images together in one split (``splits.py``). Several
@@ -190,11 +190,16 @@ def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
     return columns
 
 
+def _names_a_label(header: list[str]) -> bool:
+    """Does the header name a label column (one of :data:`LABEL_COLUMNS`, in any case)?"""
+    return any(h.strip().lower() in LABEL_COLUMNS for h in header)
+
+
 def _say_columns(path: Path, header: list[str], columns: dict[str, int], one_hot: list) -> None:
     """Say which columns were taken where the header did not name them plainly."""
     if one_hot:
         log.info(f"the labels of {path} are its one-hot columns {', '.join(printable(name) for _, name in one_hot)}")
-    elif len(header) > 2 and not any(h.strip().lower() in LABEL_COLUMNS for h in header):
+    elif len(header) > 2 and not _names_a_label(header):
         log.warning(
             f"the labels file {path} names no label column ({', '.join(LABEL_COLUMNS)}): its column "
             f"{printable(header[columns['label']])!r} is taken as the label"
@@ -208,8 +213,7 @@ def _one_hot_columns(header: list[str], columns: dict[str, int], sample: list[li
     under each image's class): where no column is named as the label, two or more columns besides the path,
     split and group, and in nine in ten of the first rows ``sample`` or more, each of their cells is a 0 or a 1
     (the rest are skipped and counted as rows). Else none."""
-    names = [h.strip().lower() for h in header]
-    if any(c in names for c in LABEL_COLUMNS):
+    if _names_a_label(header):
         return []
     others = [i for i in range(len(header)) if i not in (columns["path"], columns.get("split"), columns.get("group"))]
     rows = [row for row in sample if len(row) == len(header)]
@@ -349,7 +353,7 @@ def _path_problem(relpath: str, folder: str, real_root: Path) -> str | None:
     return None
 
 
-def _labels_of(cell: str, separator: str | None = LABEL_SEPARATOR) -> tuple[str, ...]:
+def _labels_of(cell: str, separator: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p.strip() for p in cell.split(separator) if p.strip()))
 
 

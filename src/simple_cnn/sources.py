@@ -21,6 +21,7 @@ from .errors import DataError, printable
 from .files import atomic_dir, ensure_writable_dir
 from .images import ignored_line, image_files
 from .labels import SPLIT_NAMES, LabelsFile, read_labels_file
+from .splits import HELD_OUT
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Source:
     candidates: list[Candidate]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     labels_file: LabelsFile | None = None
-    drawn: tuple[str, ...] = ("val", "test")  # the splits the split rule draws; split folders give the others
+    drawn: tuple[str, ...] = HELD_OUT  # the splits the split rule draws; split folders give the others
 
     @property
     def multi_label(self) -> bool:
@@ -103,7 +104,7 @@ def _split_layout(root: Path, given: dict[str, str]) -> Source:
     names = sorted(set().union(*classes.values()))
     if len(names) < 2:
         raise DataError(f"the split folders of {root} ({', '.join(sorted(given))}) need at least two class folders in all")
-    drawn = tuple(s for s in ("val", "test") if s not in given.values())
+    drawn = tuple(s for s in HELD_OUT if s not in given.values())
     train = next(folder for folder, split in given.items() if split == "train")
     log.info(
         f"{root} holds the split folders {', '.join(sorted(given))}: followed"

@@ -32,6 +32,7 @@ from .config import TrainConfig, check_group_pattern, check_splits
 
 SPLIT_SALT = b"simple_cnn split v1"
 SPLITS = ("train", "val", "test")  # also the order in which a group of copies claims a split
+HELD_OUT = SPLITS[1:]  # the splits the rule draws from a dataset's images, unless its folders give them
 SPLIT_METHODS = ("stratified", "hash")
 MIN_STRATIFIED = 5  # units a class needs for at least one validation and one test unit
 LARGE_GROUP = 0.1  # a group holding more than this share of a split is warned about
@@ -96,7 +97,7 @@ def group_of(relpath: str, pattern: re.Pattern) -> str | None:
     return match.group(1) if pattern.groups else match.group(0)
 
 
-def assign(units: list[str], strata: list[int], layout: Layout, drawn=("val", "test")) -> list[str]:
+def assign(units: list[str], strata: list[int], layout: Layout, drawn=HELD_OUT) -> list[str]:
     """The split of each image, given its unit (its own path, or its group) and its class. ``drawn``: the
     splits drawn from these units besides train (a split the dataset gives otherwise, as its folders do, is not)."""
     if layout.split_method == "hash":
