@@ -60,7 +60,8 @@ def test_split_folders_of_class_folders_are_followed(tmp_path, caplog):
     assert {r.relpath for r in ds.split("test")} | set_aside == test_files and len(ds.split("test")) >= 10
     assert all(r.relpath.startswith("train/") for r in ds.split("train") + ds.split("val"))
     assert ds.per_class_counts()["val"] == {"circle": 3, "square": 3, "triangle": 3}  # 15 % of train/'s 20
-    assert "holds the split folders Test, train: followed; val images drawn from train/" in caplog.text
+    said = "holds the split folders Test, train: followed; test images from Test/ (so --test_split is not used)"
+    assert f"{said}; val images drawn from train/" in caplog.text
     metadata = {"class_names": ds.class_names, "val_split": 0.15, "test_split": 0.15, "layout": ds.layout.as_metadata()}
     again = ImageDataset.of_model(root, metadata, "model.keras")  # what test mode scans: the same splits
     assert [(r.relpath, r.split) for r in again.images] == [(r.relpath, r.split) for r in ds.images]
@@ -68,6 +69,59 @@ def test_split_folders_of_class_folders_are_followed(tmp_path, caplog):
     ds = ImageDataset.scan(root)
     assert {r.relpath.split("/")[0] for r in ds.split("val")} == {"valid"}
     assert {r.relpath.split("/")[0] for r in ds.split("train")} == {"train"}
+
+
+def test_split_folders_as_kaggle_archives_unpack_them(tmp_path, caplog):
+    """Intel's scenes (seg_train/seg_train, seg_test/seg_test, seg_pred/seg_pred of unlabelled images), a
+    Mac's __MACOSX beside them and a NAS's @eaDir in a class folder; the brain MRI set's Training/ and Testing/;
+    a competition's flat test/ beside train/'s class folders. Each used to be taken for classes named after its
+    folders (seg_pred, seg_test, seg_train), a model that learns which folder a photo came from."""
+    root = tmp_path / "intel"
+    make_shapes_dataset(root / "seg_train" / "seg_train", per_class=10, seed=1)
+    make_shapes_dataset(root / "seg_test" / "seg_test", per_class=3, seed=2)
+    (root / "seg_pred" / "seg_pred").mkdir(parents=True)
+    shape_image("circle", np.random.default_rng(3)).save(root / "seg_pred" / "seg_pred" / "1.png")
+    (root / "__MACOSX" / "seg_train").mkdir(parents=True)
+    (root / "__MACOSX" / "seg_train" / "._1.png").write_bytes(b"\0\5\x16\7 resource fork")
+    (root / "seg_train" / "seg_train" / "circle" / "@eaDir").mkdir()
+    shape_image("circle", np.random.default_rng(4)).save(root / "seg_train" / "seg_train" / "circle" / "@eaDir" / "THUMB.png")
+    with caplog.at_level("INFO", logger="simple_cnn.sources"):
+        ds = ImageDataset.scan(root)
+    assert ds.class_names == ["circle", "square", "triangle"] and len(ds.images) + len(ds.copies.set_aside) == 39
+    assert {r.relpath for r in ds.split("test")} | {f for f, _ in ds.copies.set_aside} == {
+        f"seg_test/seg_test/{p.parent.name}/{p.name}" for p in (root / "seg_test").rglob("*.png")
+    }
+    assert all(r.relpath.startswith("seg_train/seg_train/") for r in ds.split("train") + ds.split("val"))
+    assert (
+        "holds the split folders seg_test/seg_test, seg_train/seg_train: followed; test images from seg_test/seg_test/ "
+        "(so --test_split is not used); val images drawn from seg_train/seg_train/; seg_pred/seg_pred/ left out: images "
+        f"without class folders (--mode classify --input_path {root}/seg_pred/seg_pred)" in caplog.text
+    )
+    mri = tmp_path / "mri"
+    make_shapes_dataset(mri / "Training", per_class=10, seed=1)
+    make_shapes_dataset(mri / "Testing", per_class=3, seed=2)
+    make_shapes_dataset(mri / "TestSet", per_class=1, seed=2)  # two test folders: not a split layout
+    assert ImageDataset.scan(mri).class_names == ["TestSet", "Testing", "Training"]
+    make_shapes_dataset(mri / "seg_pred", per_class=1, seed=2)
+    (mri / "TestSet").rename(mri / "val2017")
+    assert ImageDataset.scan(mri).class_names == ["circle", "square", "triangle"]
+    competition = tmp_path / "competition"
+    make_shapes_dataset(competition / "train", per_class=10, seed=1)
+    (competition / "test").mkdir()
+    shape_image("circle", np.random.default_rng(5)).save(competition / "test" / "0001.png")
+    ds = ImageDataset.scan(competition)
+    assert ds.class_names == ["circle", "square", "triangle"] and len(ds.split("test")) == 6  # drawn from train/
+    assert all(r.relpath.startswith("train/") for r in ds.images)
+
+
+def test_split_folders_without_class_folders_are_refused(tmp_path):
+    """Kaggle's dogs vs cats: train/cat.0.jpg and test1/1.jpg, the labels in the file names."""
+    root = tmp_path / "dogs-vs-cats"
+    for folder, name in (("train", "cat.0.png"), ("train", "dog.0.png"), ("test1", "1.png")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        shape_image("circle", np.random.default_rng(0)).save(root / folder / name)
+    with pytest.raises(DataError, match="holds split folders \\(test1, train\\), but its train folder holds no class folders"):
+        ImageDataset.scan(root)
 
 
 def test_every_supported_format_and_mode_decodes_to_rgb(tmp_path):

@@ -187,6 +187,7 @@ def test_class_names_with_spaces_and_non_ascii_work(odd_run):
         ("single_class", "at least two"),
         ("file", "is a file"),
         ("wrapped", "holds one folder, photos, which holds 3 folders: give --dataset_path"),  # as an archive unpacks
+        ("flat_train", "its train folder holds no class folders: sort its images"),  # labels in the file names
     ],
 )
 def test_unusable_dataset_is_one_clear_line(tmp_path, layout, words):
@@ -195,6 +196,10 @@ def test_unusable_dataset_is_one_clear_line(tmp_path, layout, words):
         root.write_text("not a folder")
     elif layout == "wrapped":
         make_shapes_dataset(root / "photos", per_class=3)
+    elif layout == "flat_train":
+        for folder in ("train", "test"):
+            (root / folder).mkdir(parents=True)
+            shape_image("circle", np.random.default_rng(0)).save(root / folder / "cat.0.png")
     else:
         make_shapes_dataset(root, per_class=3)
         if layout == "empty_class":

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # .jfif and .jpe: JPEGs as some browsers save them. The format is read from the header either way.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp"}
 READABLE = ", ".join(sorted(IMAGE_SUFFIXES))  # for messages: what a user's files must end in
+# Folders that archivers and file servers add beside the data: a zip made on a Mac holds __MACOSX/ (its
+# files' resource forks, named like the images), a Synology NAS an @eaDir/ of thumbnails in every folder.
+NOT_DATA = {"__MACOSX", "@eaDir"}
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
 # Images are refused above this many pixels before anything is decoded (a 40-megapixel
 # photo is fine; a "decompression bomb" declaring 50,000 x 50,000 pixels is not).
@@ -77,11 +80,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def is_hidden(name: str) -> bool:
+    """Is this file or folder left out of every dataset and folder walk: hidden, or :data:`NOT_DATA`?"""
+    return name.startswith(".") or name in NOT_DATA
+
+
 def image_files(folder: Path, ignored: Counter | None = None) -> list[Path]:
     """Every image file under ``folder``, recursively, in a stable order.
 
     The one rule for what counts as an image file, for datasets and for classify:
-    hidden files and folders are ignored, and so are files without an image suffix.
+    hidden files and folders (:func:`is_hidden`) are ignored, and so are files without an image suffix.
     Links to folders are not followed, so a link that loops never hangs the walk.
     ``ignored``, when given, counts the files left out for their suffix, by suffix, so
     that the caller can say so (:func:`ignored_line`): a folder of TIFFs must not
@@ -89,8 +97,8 @@ def image_files(folder: Path, ignored: Counter | None = None) -> list[Path]:
     """
     found = []
     for parent, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        for name in sorted(f for f in files if not is_hidden(f)):
             suffix = Path(name).suffix.lower()
             if suffix in IMAGE_SUFFIXES:
                 found.append(Path(parent) / name)

@@ -10,7 +10,7 @@ The path column is the first of :data:`PATH_COLUMNS` the header names (else the 
 column), the label column the first of :data:`LABEL_COLUMNS` (else the first column that is
 not the path, split or group, unless the columns are one-hot: :func:`_one_hot_columns`). A path cell that names no file is
 looked for by name (:class:`ByName`). An
-optional ``split`` column (``train``, ``val`` or ``test``) is followed as given; an
+optional ``split`` column (``train``, ``val`` or ``test``: ``splits.SPLIT_WORDS``) is followed as given; an
 optional ``group`` column keeps images together in one split (``splits.py``). Several
 labels per image: a ``|``-separated cell, or, with ``--multi_label``, several rows for
 one path. The file is read with Python's ``csv`` module (quoted fields, commas inside
@@ -35,6 +35,7 @@ from pathlib import Path
 from .errors import DataError, UsageError, printable
 from .files import read_regular
 from .images import image_files
+from .splits import split_named
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ LABEL_COLUMNS = ("label", "labels", "class", "classes", "tags", "category", "tar
 # recognising the patient, not the finding.
 GROUP_COLUMNS = ("group", "group_id", "patient_id", "patient", "subject_id", "subject")
 LABEL_SEPARATOR = "|"
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MAX_LABELS_BYTES = 1 << 30  # a million rows of long paths is about 100 MB
 EXAMPLES_KEPT = 20  # skipped rows listed by name; the rest are counted by reason
 ONE_HOT = {"0", "1", "0.0", "1.0"}  # the cells of a one-hot label column (:func:`_one_hot_columns`)
@@ -324,15 +324,15 @@ def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root
         reason = _path_problem(relpath, folder, real_root)
         if reason is not None and reason.startswith("no such file"):
             relpath, reason = _found_by_name(relpath, reason, by_name, real_root)
-        split = row[columns["split"]].strip().lower() if "split" in columns else ""
-        if reason is None and split and split not in SPLIT_NAMES:
+        split = row[columns["split"]].strip() if "split" in columns else ""
+        if reason is None and split and split_named(split) is None:
             reason = f"unknown split {printable(split)[:20]!r} (train, val or test)"
         group = row[columns["group"]].strip() if "group" in columns else ""
         cell, label_problem = _label_cell(row, columns, one_hot)
         if reason is not None or label_problem is not None:
             yield line, (None, reason or label_problem, None, None)
         else:
-            yield line, (relpath, cell, SPLIT_NAMES.get(split), group or None)
+            yield line, (relpath, cell, split_named(split), group or None)
 
 
 def _path_problem(relpath: str, folder: str, real_root: Path) -> str | None:

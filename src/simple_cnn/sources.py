@@ -19,9 +19,9 @@ from PIL import Image
 
 from .errors import DataError, printable
 from .files import atomic_dir, ensure_writable_dir
-from .images import ignored_line, image_files
-from .labels import SPLIT_NAMES, LabelsFile, read_labels_file
-from .splits import HELD_OUT
+from .images import ignored_line, image_files, is_hidden
+from .labels import LabelsFile, read_labels_file
+from .splits import HELD_OUT, UNLABELLED, folder_split
 
 log = logging.getLogger(__name__)
 
@@ -80,43 +80,76 @@ def class_folders(root: Path) -> Source:
 
 
 def split_folders(root: Path) -> dict[str, str]:
-    """{folder: split} where every folder of ``root`` is named as a split (``train``, ``val``/``valid``/
-    ``validation``, ``test``, in any case), one of them train, each holding folders (the layout of ImageNet,
-    Ultralytics' classify datasets and many Kaggle ones); else {}."""
+    """{folder: split} where every folder of ``root`` is named as a split (:func:`splits.folder_split`: ``train``,
+    ``val``/``valid``/``validation``, ``test``, ``seg_train``, ``Testing``, ``training_set``...), one of them
+    train, each holding folders (the layout of ImageNet, Ultralytics' classify datasets and many Kaggle ones);
+    a folder of images to predict (``seg_pred``) may sit beside them, as :data:`splits.UNLABELLED`; else {}.
+    A split folder besides train that holds no class folders holds unlabelled images too; a train folder
+    without class folders is refused (they are not two classes either)."""
     if not root.is_dir():
         return {}
     try:
-        folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-        given = {name: SPLIT_NAMES.get(name.lower()) for name in folders}
-        if not given or None in given.values() or "train" not in given.values() or len(set(given.values())) < len(given):
+        given = {name: folder_split(name) for name in _subfolders(root)}
+        splits = [split for split in given.values() if split != UNLABELLED]
+        if None in given.values() or "train" not in splits or len(set(splits)) < len(splits):
             return {}
-        if all(any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root / name)) for name in given):
-            return given
+        flat = {name for name, split in given.items() if split != UNLABELLED and not _subfolders(root / name)}
     except OSError:
-        pass
-    return {}
+        return {}
+    if any(given[name] == "train" for name in flat):  # Kaggle's dogs vs cats: train/cat.0.jpg, labels in the names
+        raise DataError(
+            f"dataset folder {root} holds split folders ({', '.join(map(printable, sorted(given)))}), but its "
+            f"{printable(next(n for n in flat if given[n] == 'train'))} folder holds no class folders: sort its images "
+            "into one folder per class, or give --labels FILE"
+        )
+    # A competition's test/ of images without class folders, beside train/'s class folders: not labelled.
+    return {name: UNLABELLED if name in flat else split for name, split in given.items()}
 
 
 def _split_layout(root: Path, given: dict[str, str]) -> Source:
     """The images of split folders of class folders: the classes are all their class folders; a split with
     no folder of its own (validation, test) is drawn from the train folder by the usual rule."""
+    unlabelled = sorted(_unwrapped(root, folder, split) for folder, split in given.items() if split == UNLABELLED)
+    given = {_unwrapped(root, folder, split): split for folder, split in given.items() if split != UNLABELLED}
     classes = {folder: _folders(root / folder) for folder in given}
     names = sorted(set().union(*classes.values()))
     if len(names) < 2:
         raise DataError(f"the split folders of {root} ({', '.join(sorted(given))}) need at least two class folders in all")
-    drawn = tuple(s for s in HELD_OUT if s not in given.values())
-    train = next(folder for folder, split in given.items() if split == "train")
-    log.info(
-        f"{root} holds the split folders {', '.join(sorted(given))}: followed"
-        + (f"; {' and '.join(drawn)} images drawn from {printable(train)}/" if drawn else "")
-    )
-    source, ignored = Source(names, [], drawn=drawn), Counter()
+    log.info(_split_layout_line(root, given, unlabelled))
+    source, ignored = Source(names, [], drawn=tuple(s for s in HELD_OUT if s not in given.values())), Counter()
     for folder, split in sorted(given.items()):
         for name in classes[folder]:
             _add_images(source, root, root / folder / name, names.index(name), ignored, None if split == "train" else split)
     if ignored:
         log.warning(ignored_line(ignored, root))
     return source
+
+
+def _unwrapped(root: Path, folder: str, split: str) -> str:
+    """The folder that holds a split's class folders: ``folder``, or the one folder inside it named as the
+    same split, as Kaggle's archives unpack (``seg_train/seg_train``, ``training_set/training_set``)."""
+    inner = _subfolders(root / folder)
+    while len(inner) == 1 and folder_split(inner[0]) == split:
+        folder = f"{folder}/{inner[0]}"
+        inner = _subfolders(root / folder)
+    return folder
+
+
+def _split_layout_line(root: Path, given: dict[str, str], unlabelled: list[str]) -> str:
+    """What the output says of a split layout: the folders followed, the splits drawn from train and the
+    flags that no longer apply, and the folders of unlabelled images left out."""
+    train = next(folder for folder, split in given.items() if split == "train")
+    held_out = [(folder, split) for folder, split in sorted(given.items()) if split != "train"]
+    drawn = [s for s in HELD_OUT if s not in given.values()]
+    return "; ".join(
+        [f"{root} holds the split folder{'s' * (len(given) > 1)} {', '.join(map(printable, sorted(given)))}: followed"]
+        + [f"{split} images from {printable(folder)}/ (so --{split}_split is not used)" for folder, split in held_out]
+        + ([f"{' and '.join(drawn)} images drawn from {printable(train)}/"] if drawn else [])
+        + [
+            f"{printable(f)}/ left out: images without class folders (--mode classify --input_path {printable(str(root / f))})"
+            for f in unlabelled
+        ]
+    )
 
 
 def _add_images(source: Source, root: Path, folder: Path, label: int, ignored: Counter, split: str | None = None) -> None:
@@ -165,10 +198,15 @@ def _class_folder_names(root: Path) -> list[str]:
     return class_names
 
 
+def _subfolders(folder: Path) -> list[str]:
+    """The names of the folders in ``folder`` that are not hidden (:func:`images.is_hidden`), sorted."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name))
+
+
 def _folders(root: Path) -> list[str]:
     """The folders of ``root`` that are classes, sorted: not hidden, and not links that lead outside it."""
     try:
-        folders = sorted((e.name, e.is_symlink()) for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        folders = sorted((e.name, e.is_symlink()) for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name))
     except PermissionError:
         raise DataError(f"cannot read the dataset folder {root}: permission denied") from None
     outside = [name for name, link in folders if link and not inside(root / name, root)]

@@ -36,6 +36,18 @@ HELD_OUT = SPLITS[1:]  # the splits the rule draws from a dataset's images, unle
 SPLIT_METHODS = ("stratified", "hash")
 MIN_STRATIFIED = 5  # units a class needs for at least one validation and one test unit
 LARGE_GROUP = 0.1  # a group holding more than this share of a split is warned about
+# The words a split goes by, in a labels file's split column or a split folder's name (lower case).
+SPLIT_WORDS = {
+    **dict.fromkeys(("train", "training", "trainset"), "train"),
+    **dict.fromkeys(("val", "valid", "validation", "dev"), "val"),
+    **dict.fromkeys(("test", "testing", "testset"), "test"),
+}
+# A split folder's name may hold these words beside its split, as Kaggle's datasets come: seg_train (Intel's
+# scenes), training_set (cats and dogs), train_images.
+FOLDER_WORDS = {"seg", "set", "data", "dataset", "images", "image", "imgs", "img", "split", "photos", "files"}
+# A folder of images without labels beside the split folders (Intel's seg_pred): left out, not a split.
+UNLABELLED = "unlabelled"
+UNLABELLED_WORDS = {"pred", "predict", "prediction", "predictions", "unlabeled", "unlabelled", "inference"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,22 @@ class Layout:
 
     def as_metadata(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in ("split_method", "group_by")}
+
+
+def split_named(word: str) -> str | None:
+    """The split a labels file's split cell names (``Training`` is train), or None."""
+    return SPLIT_WORDS.get(word.strip().lower())
+
+
+def folder_split(name: str) -> str | None:
+    """The split a folder's name gives (``seg_train``, ``Testing``, ``training_set``), :data:`UNLABELLED`
+    for a folder of images to predict (``seg_pred``), or None: one split word, and only
+    :data:`FOLDER_WORDS` and numbers (``train2017``, ``test1``) beside it."""
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", name).lower()  # TrainingSet
+    words = [w for w in re.split(r"[^a-z]+", spaced) if w and w not in FOLDER_WORDS]  # numbers too: train2017, test1
+    if len(words) != 1:
+        return None
+    return UNLABELLED if words[0] in UNLABELLED_WORDS else SPLIT_WORDS.get(words[0])
 
 
 def hash_fraction(name: str) -> float:
