@@ -9,7 +9,7 @@ The layout Kaggle and most published datasets use beside class folders::
 The path column is the first of :data:`PATH_COLUMNS` the header names (else the first
 column), the label column the first of :data:`LABEL_COLUMNS` (else the first column that is
 not the path, split or group, unless the columns are one-hot: :func:`_one_hot_columns`). A path cell that names no file is
-looked for by name (:class:`ByName`). An
+looked for by name or, when absolute, by its end (:class:`ByName`). An
 optional ``split`` column (``train``, ``val`` or ``test``: ``splits.SPLIT_WORDS``) is followed as given; an
 optional ``group`` column keeps images together in one split (``splits.py``). Several
 labels per image: a ``|``-separated cell, or, with ``--multi_label``, several rows for
@@ -117,8 +117,8 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     _say_columns(path, header, columns, one_hot)
     by_name = ByName(os.fspath(root))
     raw = list(_rows(itertools.chain(sample, records), columns, one_hot, root, by_name))
-    if by_name.found:
-        log.info(by_name.summary(path))
+    for line in by_name.summary(path):
+        log.info(line)
     separator = LABEL_SEPARATOR
     if multi_label is not False and _tags_by_spaces(header, columns, one_hot, raw):
         log.info(f"the tags of {path} are separated by spaces: each is a label")
@@ -262,14 +262,23 @@ def _records(reader, path: Path):
 
 
 class ByName:
-    """The one image a path cell names without its folder or its suffix, as Kaggle's ``id`` columns do
-    (``0001`` for ``train/0001.jpg``): the image file of the dataset whose path ends with the cell, with
-    or without the file's suffix. The dataset is walked once, at the first cell not found as written."""
+    """The one image a path cell names that is not found as written, looked for among the dataset's image files:
+
+    - by name, as Kaggle's ``id`` columns give it (``0001`` for ``train/0001.jpg``): the image whose path ends
+      with the cell, with or without the file's suffix;
+    - by its path inside the dataset, for an absolute path written on another machine or in another folder
+      (``C:/Users/ana/flowers/roses/1.jpg``, Colab's ``/content/drive/...``, the host's path of a Docker
+      volume): the image with the longest path inside the dataset that the cell ends with.
+
+    Only files found under the dataset are ever chosen. The dataset is walked once, at the first cell not
+    found as written."""
+
+    KINDS = {"name": "without its folder or suffix, found by name", "path": "by an absolute path, found by its end"}
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.found = 0
-        self.example = ("", "")  # the first (cell, image found)
+        self.found: Counter = Counter()  # rows found, by kind
+        self.examples: dict[str, tuple[str, str]] = {}  # the first (cell, image found) of each kind
         self._index: dict[str, list[str]] | None = None
 
     def matches(self, cell: str) -> list[str]:
@@ -280,12 +289,27 @@ class ByName:
                 name = rel.rsplit("/", 1)[-1]
                 self._index[name].append(rel)
                 self._index[name.rsplit(".", 1)[0]].append(rel)
-        return [rel for rel in self._index.get(cell.rsplit("/", 1)[-1], ()) if _names(rel, cell)]
+        candidates = self._index.get(cell.rsplit("/", 1)[-1], ())
+        if is_absolute(cell):
+            return sorted((rel for rel in candidates if cell.endswith("/" + rel)), key=len)[-1:]
+        return [rel for rel in candidates if _names(rel, cell)]
 
-    def summary(self, path: Path) -> str:
-        cell, rel = self.example
-        rows = f"{self.found} row{'s' if self.found > 1 else ''}"
-        return f"{rows} of {path} name an image without its folder or suffix, found by name ({cell}: {rel})"
+    def note(self, cell: str, rel: str) -> None:
+        kind = "path" if is_absolute(cell) else "name"
+        self.examples.setdefault(kind, (printable(cell)[:60], printable(rel)[:60]))
+        self.found[kind] += 1
+
+    def summary(self, path: Path) -> list[str]:
+        return [
+            f"{n} row{'s' if n > 1 else ''} of {path} name an image {self.KINDS[kind]} ({cell}: {rel})"
+            for kind, n in sorted(self.found.items())
+            for cell, rel in [self.examples[kind]]
+        ]
+
+
+def is_absolute(cell: str) -> bool:
+    """Is this path cell (``/`` separators) absolute, on any system: ``/home/...``, ``C:/...``, ``//server/...``?"""
+    return cell.startswith("/") or (len(cell) > 2 and cell[0].isalpha() and cell[1:3] == ":/")
 
 
 def _names(rel: str, cell: str) -> bool:
@@ -300,9 +324,7 @@ def _found_by_name(relpath: str, reason: str, by_name: ByName, real_root: Path) 
         return relpath, f"a name several images share ({printable(relpath)[:60]}: {len(matches)} files)"
     if not matches:
         return relpath, reason
-    if not by_name.found:
-        by_name.example = (printable(relpath)[:60], printable(matches[0])[:60])
-    by_name.found += 1
+    by_name.note(relpath, matches[0])
     return matches[0], _path_problem(matches[0], by_name.folder, real_root)
 
 
@@ -322,7 +344,7 @@ def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root
             continue
         relpath = row[columns["path"]].strip().replace("\\", "/")
         reason = _path_problem(relpath, folder, real_root)
-        if reason is not None and reason.startswith("no such file"):
+        if reason is not None and (reason.startswith("no such file") or is_absolute(relpath)):
             relpath, reason = _found_by_name(relpath, reason, by_name, real_root)
         split = row[columns["split"]].strip() if "split" in columns else ""
         if reason is None and split and split_named(split) is None:
