@@ -186,6 +186,7 @@ def test_class_names_with_spaces_and_non_ascii_work(odd_run):
         ("empty_class", "no readable images"),
         ("single_class", "at least two"),
         ("file", "is a file"),
+        ("archive", "is an archive: unpack it first"),
         ("wrapped", "holds one folder, photos, which holds 3 folders: give --dataset_path"),  # as an archive unpacks
         ("flat_train", "its train folder holds no class folders: sort its images"),  # labels in the file names
     ],
@@ -194,6 +195,9 @@ def test_unusable_dataset_is_one_clear_line(tmp_path, layout, words):
     root = tmp_path / "ds"
     if layout == "file":
         root.write_text("not a folder")
+    elif layout == "archive":
+        root = tmp_path / "flower_photos.tar.gz"
+        root.write_bytes(b"\x1f\x8b")
     elif layout == "wrapped":
         make_shapes_dataset(root / "photos", per_class=3)
     elif layout == "flat_train":

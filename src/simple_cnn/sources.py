@@ -25,6 +25,9 @@ from .splits import HELD_OUT, UNLABELLED, folder_split
 
 log = logging.getLogger(__name__)
 
+# Not unpacked here: download_datasets.sh unpacks with the checks an archive from strangers needs (bombs, links, ..).
+ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
+
 
 @dataclass
 class Candidate:
@@ -180,6 +183,8 @@ def _check_root(root: Path, what: str) -> None:
     if not root.exists():
         raise DataError(f"dataset folder {root} does not exist: give --dataset_path {what}")
     if not root.is_dir():
+        if root.name.lower().endswith(ARCHIVES):
+            raise DataError(f"dataset path {root} is an archive: unpack it first (unzip, tar -xf) and give --dataset_path {what}")
         raise DataError(f"dataset path {root} is a file, not a folder: give --dataset_path {what}")
 
 
