@@ -124,6 +124,36 @@ def test_split_folders_without_class_folders_are_refused(tmp_path):
         ImageDataset.scan(root)
 
 
+def test_class_names_that_differ_only_in_case_or_punctuation_are_said(tmp_path, caplog):
+    """Daisy/ beside daisy/ (datasets merged), or Cat and cat typed by hand in a labels file: one class written
+    two ways, which the model would be taught to tell apart. Said with each one's images, not merged."""
+    root = make_shapes_dataset(tmp_path / "ds", per_class=3)
+    (root / "circle").rename(root / "Sun Flower")
+    (root / "square").rename(root / "sun_flower")
+    (root / "😀").mkdir()
+    (root / "triangle" / "triangle_000.png").rename(root / "😀" / "face.png")
+    (root / "😃").mkdir()
+    (root / "triangle" / "triangle_001.png").rename(root / "😃" / "face.png")
+    with caplog.at_level("WARNING", logger="simple_cnn.sources"):
+        ImageDataset.scan(root)
+    said = [r.getMessage() for r in caplog.records if "differ only in case" in r.getMessage()]
+    assert said == [
+        f"the classes 'Sun Flower' (3 images), 'sun_flower' (3 images) of {root} differ only in case, spaces or "
+        "punctuation: if they are one class, give them one name"
+    ]
+    caplog.clear()
+    (tmp_path / "labels.csv").write_text(
+        "path,label\n"
+        + "".join(f"{p.relative_to(root)},{'Cat' if i % 3 else 'cat'}\n" for i, p in enumerate(sorted(root.rglob("*.png"))))
+    )
+    with caplog.at_level("WARNING", logger="simple_cnn.sources"):
+        ImageDataset.scan(root, Layout(labels=tmp_path / "labels.csv"))
+    assert [r.getMessage() for r in caplog.records if "differ only in case" in r.getMessage()] == [
+        f"the classes 'Cat' (6 images), 'cat' (3 images) of {tmp_path / 'labels.csv'} differ only in case, spaces or "
+        "punctuation: if they are one class, give them one name"
+    ]
+
+
 def test_every_supported_format_and_mode_decodes_to_rgb(tmp_path):
     rng = np.random.default_rng(0)
     base = shape_image("circle", rng, size=40)

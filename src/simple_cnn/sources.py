@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+import re
+import unicodedata
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +59,14 @@ class Source:
 
 def find(root: Path, labels=None, multi_label: bool | None = None) -> Source:
     """The images of the dataset at ``root``: from the labels file ``labels`` if given, else its class folders."""
-    if labels is None:
-        return class_folders(root)
+    source = class_folders(root) if labels is None else labelled_by(root, labels, multi_label)
+    for line in names_alike(source, labels or root):
+        log.warning(line)
+    return source
+
+
+def labelled_by(root: Path, labels, multi_label: bool | None) -> Source:
+    """The images the labels file ``labels`` names in the dataset folder ``root``."""
     _check_root(root, "a folder holding the images the labels file names")
     table = read_labels_file(labels, root, multi_label)
     index = {name: i for i, name in enumerate(table.class_names)}
@@ -66,6 +74,24 @@ def find(root: Path, labels=None, multi_label: bool | None = None) -> Source:
     if table.skipped.count:
         log.warning(table.skipped.summary())
     return Source(table.class_names, candidates, labels_file=table)
+
+
+def names_alike(source: Source, where) -> list[str]:
+    """A line for each set of class names that differ only in case, spaces or punctuation (``Cat``, ``cat``,
+    ``sun_flower``, ``sunflower``): as a labels file is typed by hand or datasets are merged, usually one class
+    written two ways, which the model is then taught to tell apart. Said, not merged: the user decides."""
+    alike = defaultdict(list)
+    for i, name in enumerate(source.class_names):
+        folded = unicodedata.normalize("NFKC", name).casefold()
+        alike[re.sub(r"[\W_]+", "", folded) or folded].append(i)  # names of symbols alone are compared whole
+    counts = Counter(label for c in source.candidates for label in c.labels)
+    named = [f"{printable(name)!r} ({counts[i]} image{'s' * (counts[i] != 1)})" for i, name in enumerate(source.class_names)]
+    return [
+        f"the classes {', '.join(named[i] for i in members)} of {printable(str(where))} differ only in case, spaces or "
+        "punctuation: if they are one class, give them one name"
+        for members in alike.values()
+        if len(members) > 1
+    ]
 
 
 def class_folders(root: Path) -> Source:
