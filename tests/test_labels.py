@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import urllib.request
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -238,6 +240,13 @@ def test_the_label_column_is_found_by_name_or_said(tmp_path, caplog):
     assert table.class_names == sorted(CLASSES) and "its column 'species' is taken as the label" in caplog.text
 
 
+def _zipped(name: str, content: bytes) -> bytes:
+    with io.BytesIO() as buffer:
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr(name, content)
+        return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     "content, words",
     [
@@ -246,6 +255,8 @@ def test_the_label_column_is_found_by_name_or_said(tmp_path, caplog):
         (b"path,label\nimages/nothing.png,circle\n", "no usable row"),
         (b"path,label\xff\n", "not UTF-8"),
         (b"\xff\xfep\x00a\x00\x00\xd8", "not UTF-16"),  # a byte-order mark, then half a surrogate pair
+        (_zipped("xl/workbook.xml", b"<workbook/>"), "a spreadsheet workbook, not text: save it as CSV"),  # .xlsx, .ods
+        (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), "a spreadsheet workbook"),  # .xls: an OLE2 file's header
     ],
 )
 def test_unusable_labels_files_are_usage_errors(tmp_path, content, words):

@@ -49,6 +49,8 @@ MAX_LABELS_BYTES = 1 << 30  # a million rows of long paths is about 100 MB
 EXAMPLES_KEPT = 20  # skipped rows listed by name; the rest are counted by reason
 ONE_HOT = {"0", "1", "0.0", "1.0"}  # the cells of a one-hot label column (:func:`_one_hot_columns`)
 ONE_HOT_SAMPLE = 1000  # the rows that decide whether a file's label columns are one-hot
+# How workbooks start: a zip (.xlsx, .ods, .numbers) or an OLE2 file (.xls); a text file never does.
+WORKBOOKS = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1")
 
 
 @dataclass
@@ -143,6 +145,11 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
 def _text(content: bytes, path: Path) -> str:
     """The file as text: UTF-8 (a byte-order mark dropped), or UTF-16 if it starts with that byte-order mark
     (what spreadsheets save as "Unicode text")."""
+    if content.startswith(WORKBOOKS):
+        raise UsageError(
+            f"the labels file {path} is a spreadsheet workbook, not text: save it as CSV (in Excel: File > Save As > "
+            "CSV UTF-8) and give --labels that file"
+        )
     utf16 = content.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     try:
         return content.decode("utf-16" if utf16 else "utf-8-sig")
