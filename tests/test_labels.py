@@ -240,6 +240,21 @@ def test_the_label_column_is_found_by_name_or_said(tmp_path, caplog):
     assert table.class_names == sorted(CLASSES) and "its column 'species' is taken as the label" in caplog.text
 
 
+def test_a_labels_file_not_found_as_given_is_looked_for_in_the_dataset(tmp_path, monkeypatch, caplog):
+    """``--labels labels.csv`` with ``--dataset_path /app/datasets/xrays``, run from /app as the Docker image does."""
+    root = tmp_path / "xrays"
+    rows = flat_dataset(root, per_class=4)
+    write_labels(root / "labels.csv", rows)
+    (tmp_path / "app").mkdir()
+    monkeypatch.chdir(tmp_path / "app")
+    with caplog.at_level("INFO", logger="simple_cnn.sources"):
+        dataset = ImageDataset.scan(root, Layout(labels="labels.csv"))
+    assert sorted(r.relpath for r in dataset.images) == sorted(p for p, _ in rows)
+    assert f"--labels labels.csv: no such file here, so {root / 'labels.csv'} is read" in caplog.text
+    with pytest.raises(UsageError, match="--labels other.csv: no such file"):
+        ImageDataset.scan(root, Layout(labels="other.csv"))
+
+
 def _zipped(name: str, content: bytes) -> bytes:
     with io.BytesIO() as buffer:
         with zipfile.ZipFile(buffer, "w") as archive:

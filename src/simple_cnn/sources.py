@@ -68,12 +68,23 @@ def find(root: Path, labels=None, multi_label: bool | None = None) -> Source:
 def labelled_by(root: Path, labels, multi_label: bool | None) -> Source:
     """The images the labels file ``labels`` names in the dataset folder ``root``."""
     _check_root(root, "a folder holding the images the labels file names")
-    table = read_labels_file(labels, root, multi_label)
+    table = read_labels_file(_labels_path(Path(labels), root), root, multi_label)
     index = {name: i for i, name in enumerate(table.class_names)}
     candidates = [Candidate(r.relpath, tuple(sorted(index[label] for label in r.labels)), r.split, r.group) for r in table.rows]
     if table.skipped.count:
         log.warning(table.skipped.summary())
     return Source(table.class_names, candidates, labels_file=table)
+
+
+def _labels_path(labels: Path, root: Path) -> Path:
+    """``labels`` as given or, where no such file is there, the dataset's own file of that name: in Docker,
+    ``--labels labels.csv`` beside ``--dataset_path /app/datasets/xrays`` means the one in the dataset (as test
+    mode looks for a model's labels file there)."""
+    inside = root / labels
+    if not labels.exists() and not labels.is_absolute() and inside.is_file():
+        log.info(f"--labels {labels}: no such file here, so {inside} is read")
+        return inside
+    return labels
 
 
 def names_alike(source: Source, where) -> list[str]:
