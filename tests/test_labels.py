@@ -81,6 +81,7 @@ def test_labels_file_quirks_are_read_and_bad_rows_skipped_with_their_reasons(tmp
     split_rows = [[p, label, "train"] for p, label in rows + bad]
     split_rows[4][2] = "holdout"  # an unknown split
     split_rows[5][2] = " Training"  # as a folder would name it
+    split_rows[6][0] = "./" + rows[6][0].replace("/", "//")  # the same image as class folders would name it
     path = write_labels(
         tmp_path / "labels.csv", split_rows, header=("Filename", "Class", "split"), encoding="utf-8-sig", newline="\r\n"
     )
@@ -88,7 +89,7 @@ def test_labels_file_quirks_are_read_and_bad_rows_skipped_with_their_reasons(tmp
     table = read_labels_file(path, tmp_path)
     kept = {r.relpath: r.labels for r in table.rows}
     assert kept["images/a, b.png"] == ("circle",) and table.class_names == list(CLASSES)
-    assert {r.split for r in table.rows} == {"train"}
+    assert {r.split for r in table.rows} == {"train"} and rows[6][0] in kept
     assert rows[2][0] not in kept and rows[4][0] not in kept and "images/unlabelled.png" not in kept
     assert len(kept) == len(rows) - 2 + 1
     reasons = table.skipped.reasons

@@ -349,7 +349,7 @@ def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root
         if len(row) < width:
             yield line, (None, f"{len(row)} fields, the header has {width} or more", None, None)
             continue
-        relpath = row[columns["path"]].strip().replace("\\", "/")
+        relpath = _tidied(row[columns["path"]].strip().replace("\\", "/"))
         reason = _path_problem(relpath, folder, real_root)
         if reason is not None and (reason.startswith("no such file") or is_absolute(relpath)):
             relpath, reason = _found_by_name(relpath, reason, by_name, real_root)
@@ -362,6 +362,13 @@ def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root
             yield line, (None, reason or label_problem, None, None)
         else:
             yield line, (relpath, cell, split_named(split), group or None)
+
+
+def _tidied(relpath: str) -> str:
+    """The path without ``.`` and empty parts (``./images//1.jpg`` is ``images/1.jpg``), so that it names its
+    image as class folders would: its split's hash, and one image listed twice, depend on it."""
+    tidy = "/".join(part for part in relpath.split("/") if part not in ("", "."))
+    return "/" + tidy if relpath.startswith("/") else tidy
 
 
 def _path_problem(relpath: str, folder: str, real_root: Path) -> str | None:
