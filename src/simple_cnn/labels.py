@@ -367,6 +367,8 @@ def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root
 def _tidied(relpath: str) -> str:
     """The path without ``.`` and empty parts (``./images//1.jpg`` is ``images/1.jpg``), so that it names its
     image as class folders would: its split's hash, and one image listed twice, depend on it."""
+    if "//" not in relpath and "./" not in relpath and not relpath.endswith("/") and relpath != ".":
+        return relpath  # most cells: a labels file may hold a million
     tidy = "/".join(part for part in relpath.split("/") if part not in ("", "."))
     return "/" + tidy if relpath.startswith("/") else tidy
 
