@@ -168,15 +168,19 @@ def test_every_supported_format_and_mode_decodes_to_rgb(tmp_path):
     base.save(root / "a" / "bitmap.bmp")
     Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).save(root / "b" / "sixteen.png")
     base.save(root / "b" / "photo.webp")
+    base.save(root / "b" / "photo.avif")
 
     ds = ImageDataset.scan(root)
     assert ds.skipped == []
     x = ds.decode(ds.images, 24).x
-    assert x.shape == (8, 24, 24, 3) and x.dtype == np.uint8
+    assert x.shape == (9, 24, 24, 3) and x.dtype == np.uint8
     assert ds.skipped == []
     # 16-bit grey keeps its range (top 8 bits), instead of clipping to white.
     sixteen = x[[r.relpath for r in ds.images].index("b/sixteen.png")]
     assert sixteen.min() < 50 and sixteen.max() > 200
+    # AVIF, as browsers save images from the web, decodes to the picture the PNG-like BMP holds.
+    avif, bmp = (x[[r.relpath for r in ds.images].index(name)].astype(int) for name in ("b/photo.avif", "a/bitmap.bmp"))
+    assert np.abs(avif - bmp).mean() < 10
 
 
 def test_animated_gif_reads_its_first_frame(tmp_path):

@@ -65,6 +65,7 @@ def _write_odd_files(cls: Path, rng) -> None:
             body[i] = (body[i] * 7 + 13) % 256
     (cls / "corrupt_body.jpg").write_bytes(bytes(body))
     (cls / "bomb.png").write_bytes(bomb_png(50_000, 50_000))
+    (cls / "near_bomb.png").write_bytes(bomb_png(12_000, 12_000))  # over our limit, under twice it: Pillow only warns
     base().convert("RGBA").save(cls / "alpha.png")
     Image.fromarray(np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 25).save(cls / "sixteen_bit.png")
     base().convert("L").save(cls / "grey.jpg")
@@ -72,6 +73,7 @@ def _write_odd_files(cls: Path, rng) -> None:
     frames = [base(), base()]
     frames[0].save(cls / "animated.gif", save_all=True, append_images=frames[1:], loop=0)
     base().save(cls / "photo.webp")
+    base().save(cls / "saved_from_a_browser.avif")
     base().save(cls / "browser.jfif", "JPEG")
     Image.new("RGB", (1, 1), (200, 0, 0)).save(cls / "one_pixel.png")
     base().save(cls / "with space.png")
@@ -96,6 +98,7 @@ SKIPPED = {  # file -> words of the reason
     "truncated.jpg": "truncated",
     "corrupt_body.jpg": "broken data stream",
     "bomb.png": "pixels",
+    "near_bomb.png": "more than 100,000,000 pixels",
     "loop_a.png": "symbolic links",
     "loop_b.png": "symbolic links",
     "dangling.png": "not found",
@@ -107,6 +110,7 @@ USED = [
     "cmyk.jpg",
     "animated.gif",
     "photo.webp",
+    "saved_from_a_browser.avif",
     "browser.jfif",
     "one_pixel.png",
     "with space.png",
@@ -156,11 +160,16 @@ def test_odd_but_valid_image_is_used(odd_run, name):
     assert name.replace("\\xe9", "\udce9") in odd_run["train_files"] or name in odd_run["set_aside"]
 
 
+def test_no_decoder_writes_to_stderr_itself(odd_run):
+    """Every unusable image is a line of simple_cnn's, not a library's warning (Pillow's DecompressionBombWarning)."""
+    assert not any("Warning:" in line.removeprefix("Warning: ") for line in odd_run["stderr"].splitlines()), odd_run["stderr"]
+
+
 def test_files_without_an_image_suffix_are_ignored_and_said(odd_run):
     said = [line for line in odd_run["stderr"].splitlines() if "without an image suffix" in line]
     assert len(said) == 1, odd_run["stderr"]
     assert "ignored 2 files" in said[0] and ".tiff 1" in said[0] and ".txt 1" in said[0], said[0]
-    assert "only .bmp, .gif, .jfif, .jpe, .jpeg, .jpg, .png, .webp files are read" in said[0]
+    assert "only .avif, .bmp, .gif, .jfif, .jpe, .jpeg, .jpg, .png, .webp files are read" in said[0]
     assert not any("microscope" in f for f in [*odd_run["train_files"], *(s["file"] for s in odd_run["skipped"])])
 
 
@@ -328,7 +337,7 @@ def test_images_folder_that_cannot_be_written_is_one_clear_line(tmp_path):
 def _valid_images() -> list[bytes]:
     rng = np.random.default_rng(1)
     out = []
-    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP"):
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "AVIF"):
         buf = io.BytesIO()
         shape_image("square", rng, 24).save(buf, fmt)
         out.append(buf.getvalue())

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,17 +28,23 @@ from .files import open_regular_file, os_reason
 log = logging.getLogger(__name__)
 
 # .jfif and .jpe: JPEGs as some browsers save them. The format is read from the header either way.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".avif"}
 READABLE = ", ".join(sorted(IMAGE_SUFFIXES))  # for messages: what a user's files must end in
 # Folders that archivers and file servers add beside the data: a zip made on a Mac holds __MACOSX/ (its
 # files' resource forks, named like the images), a Synology NAS an @eaDir/ of thumbnails in every folder.
 NOT_DATA = {"__MACOSX", "@eaDir"}
-IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: JPEG from some cameras
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "AVIF"}  # MPO: JPEG from some cameras
+# The only parsers a file (or an upload from a stranger) reaches: Pillow would otherwise try each of its
+# formats in turn, and some parse a header (TIFF's) with warnings written to stderr, before the format is checked.
+OPENED = sorted(IMAGE_FORMATS - {"MPO"})  # an MPO opens through the JPEG parser
 # Images are refused above this many pixels before anything is decoded (a 40-megapixel
 # photo is fine; a "decompression bomb" declaring 50,000 x 50,000 pixels is not).
 MAX_PIXELS = 100_000_000
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check, at our limit
+# Between that limit and twice it, Pillow warns (on stderr, in the words of a Python warning) and opens the
+# image; _checked_size then refuses it with one reason, as for any other unusable file.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class PixelBudget:
@@ -166,7 +173,7 @@ def check_header(path: Path) -> tuple[tuple[int, int], int]:
     """Open an image's header only; return its size and the file's bytes, or raise ValueError with the reason."""
     with open_regular_file(path) as f:
         try:
-            with Image.open(f) as im:
+            with Image.open(f, formats=OPENED) as im:
                 return _checked_size(im), os.fstat(f.fileno()).st_size
         except Exception as e:  # Pillow's parsers raise many kinds (OSError, SyntaxError, struct.error, ...) on bad bytes
             raise ValueError(_reason(e)) from None
@@ -189,7 +196,7 @@ def _opened(f, image_size: int):
     (a decompression bomb is refused before any decoding), set to decode a JPEG at a reduced
     scale (Image.draft). Any failure, then or in the block, is a ValueError with the reason."""
     try:
-        with Image.open(f) as im:
+        with Image.open(f, formats=OPENED) as im:
             _checked_size(im)
             im.draft("RGB", (image_size, image_size))
             yield im
