@@ -102,6 +102,7 @@ def test_split_folders_as_kaggle_archives_unpack_them(tmp_path, caplog):
     make_shapes_dataset(mri / "Testing", per_class=3, seed=2)
     make_shapes_dataset(mri / "TestSet", per_class=1, seed=2)  # two test folders: not a split layout
     assert ImageDataset.scan(mri).class_names == ["TestSet", "Testing", "Training"]
+    assert f"{mri} has class folders named as a split or as images to predict (TestSet, Testing, Training)" in caplog.text
     make_shapes_dataset(mri / "seg_pred", per_class=1, seed=2)
     (mri / "TestSet").rename(mri / "val2017")
     assert ImageDataset.scan(mri).class_names == ["circle", "square", "triangle"]

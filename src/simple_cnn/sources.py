@@ -116,6 +116,12 @@ def class_folders(root: Path) -> Source:
         _add_images(source, root, root / name, label, ignored)
     if ignored:
         log.warning(ignored_line(ignored, root))
+    if named := [name for name in source.class_names if folder_split(name)]:
+        # cat/, dog/ and test/ (the images to predict, or a test split of mixed classes) is a class named test
+        log.warning(
+            f"{root} has class folders named as a split or as images to predict ({', '.join(map(printable, named))}): "
+            "if they hold no class of their own, move them out of the dataset folder"
+        )
     return source
 
 
