@@ -156,25 +156,27 @@ def test_a_path_cell_without_its_folder_or_suffix_is_found_by_name(tmp_path, cap
                     f"({ids[0][0]}: {rows[0][0]})"]  # fmt: skip
 
 
-def test_an_absolute_path_cell_is_found_by_its_path_inside_the_dataset(tmp_path, caplog):
+def test_a_path_cell_from_elsewhere_is_found_by_its_end(tmp_path, caplog):
     """A labels file written on another machine (Windows, Colab, the host of a Docker volume) names each image by
-    an absolute path: the image whose path inside the dataset the cell ends with, the longest. These used to be
+    an absolute path, one written from the project's folder by a path through the dataset's, one in a folder of
+    its own by ``../``: the image whose path inside the dataset the cell ends with, the longest. These used to be
     skipped as "a path outside the dataset" or "no such file", every row of them."""
     root = tmp_path / "ds"
     rows = flat_dataset(root, per_class=6)
     shape_image("circle", np.random.default_rng(7)).save(root / "circle_000.png")  # images/circle_000.png's name, higher up
     (tmp_path / "secret.png").write_bytes((root / rows[0][0]).read_bytes())
-    windows = [["C:\\Users\\ana\\ds\\" + p.replace("/", "\\"), label] for p, label in rows[:6]]
-    colab = [[f"/content/drive/MyDrive/ds/{p}", label] for p, label in rows[6:12]]
-    here = [[str(root / p), label] for p, label in rows[12:]]
+    windows = [["C:\\Users\\ana\\ds\\" + p.replace("/", "\\"), label] for p, label in rows[:4]]
+    colab = [[f"/content/drive/MyDrive/ds/{p}", label] for p, label in rows[4:8]]
+    here = [[str(root / p), label] for p, label in rows[8:12]]
+    here += [[f"ds/{p}", label] for p, label in rows[12:15]] + [[f"../ds/{p}", label] for p, label in rows[15:]]
     outside = [[str(tmp_path / "secret.png"), "circle"], ["/etc/passwd", "circle"], ["C:/ds/other/circle_001.png", "circle"]]
     path = write_labels(tmp_path / "labels.csv", windows + colab + here + outside)
     with caplog.at_level("INFO", logger="simple_cnn.labels"):
         table = read_labels_file(path, root)
     assert [(r.relpath, r.labels) for r in table.rows] == [(p, (label,)) for p, label in rows]
     assert table.skipped.reasons == {"a path outside the dataset": 2, "no such file": 1}, table.skipped.as_dict()
-    said = [r.getMessage() for r in caplog.records if "absolute path" in r.getMessage()]
-    assert said == [f"{len(rows)} rows of {path} name an image by an absolute path, found by its end "
+    said = [r.getMessage() for r in caplog.records if "found by its end" in r.getMessage()]
+    assert said == [f"{len(rows)} rows of {path} name an image by a path from elsewhere, found by its end "
                     f"(C:/Users/ana/ds/{rows[0][0]}: {rows[0][0]})"]  # fmt: skip
 
 

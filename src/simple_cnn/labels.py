@@ -9,7 +9,7 @@ The layout Kaggle and most published datasets use beside class folders::
 The path column is the first of :data:`PATH_COLUMNS` the header names (else the first
 column), the label column the first of :data:`LABEL_COLUMNS` (else the first column that is
 not the path, split or group, unless the columns are one-hot: :func:`_one_hot_columns`). A path cell that names no file is
-looked for by name or, when absolute, by its end (:class:`ByName`). An
+looked for by name, or by its end (:class:`ByName`). An
 optional ``split`` column (``train``, ``val`` or ``test``: ``splits.SPLIT_WORDS``) is followed as given; an
 optional ``group`` column keeps images together in one split (``splits.py``). Several
 labels per image: a ``|``-separated cell, or, with ``--multi_label``, several rows for
@@ -273,14 +273,15 @@ class ByName:
 
     - by name, as Kaggle's ``id`` columns give it (``0001`` for ``train/0001.jpg``): the image whose path ends
       with the cell, with or without the file's suffix;
-    - by its path inside the dataset, for an absolute path written on another machine or in another folder
-      (``C:/Users/ana/flowers/roses/1.jpg``, Colab's ``/content/drive/...``, the host's path of a Docker
-      volume): the image with the longest path inside the dataset that the cell ends with.
+    - else by its end, for a path written from another folder or machine (``xrays/images/1.jpg`` from the
+      project's folder, ``../images/1.jpg`` from the labels file's, ``C:/Users/ana/flowers/roses/1.jpg``,
+      Colab's ``/content/drive/...``, the host's path of a Docker volume): the image with the longest path
+      inside the dataset that the cell ends with.
 
     Only files found under the dataset are ever chosen. The dataset is walked once, at the first cell not
     found as written."""
 
-    KINDS = {"name": "without its folder or suffix, found by name", "path": "by an absolute path, found by its end"}
+    KINDS = {"name": "without its folder or suffix, found by name", "path": "by a path from elsewhere, found by its end"}
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -288,7 +289,8 @@ class ByName:
         self.examples: dict[str, tuple[str, str]] = {}  # the first (cell, image found) of each kind
         self._index: dict[str, list[str]] | None = None
 
-    def matches(self, cell: str) -> list[str]:
+    def matches(self, cell: str) -> tuple[list[str], str]:
+        """The images the cell may name, and how they were found (a key of :data:`KINDS`)."""
         if self._index is None:
             self._index = defaultdict(list)
             for file in image_files(Path(self.folder)):
@@ -297,12 +299,11 @@ class ByName:
                 self._index[name].append(rel)
                 self._index[name.rsplit(".", 1)[0]].append(rel)
         candidates = self._index.get(cell.rsplit("/", 1)[-1], ())
-        if is_absolute(cell):
-            return sorted((rel for rel in candidates if cell.endswith("/" + rel)), key=len)[-1:]
-        return [rel for rel in candidates if _names(rel, cell)]
+        if named := [rel for rel in candidates if not is_absolute(cell) and _names(rel, cell)]:
+            return named, "name"
+        return sorted((rel for rel in candidates if cell.endswith("/" + rel)), key=len)[-1:], "path"
 
-    def note(self, cell: str, rel: str) -> None:
-        kind = "path" if is_absolute(cell) else "name"
+    def note(self, cell: str, rel: str, kind: str) -> None:
         self.examples.setdefault(kind, (printable(cell)[:60], printable(rel)[:60]))
         self.found[kind] += 1
 
@@ -326,12 +327,12 @@ def _names(rel: str, cell: str) -> bool:
 
 def _found_by_name(relpath: str, reason: str, by_name: ByName, real_root: Path) -> tuple[str, str | None]:
     """A path cell not found as written, looked for by name: (the image's path, why it cannot be used or None)."""
-    matches = by_name.matches(relpath)
+    matches, kind = by_name.matches(relpath)
     if len(matches) > 1:
         return relpath, f"a name several images share ({printable(relpath)[:60]}: {len(matches)} files)"
     if not matches:
         return relpath, reason
-    by_name.note(relpath, matches[0])
+    by_name.note(relpath, matches[0], kind)
     return matches[0], _path_problem(matches[0], by_name.folder, real_root)
 
 
@@ -351,7 +352,7 @@ def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root
             continue
         relpath = _tidied(row[columns["path"]].strip().replace("\\", "/"))
         reason = _path_problem(relpath, folder, real_root)
-        if reason is not None and (reason.startswith("no such file") or is_absolute(relpath)):
+        if reason is not None and reason.startswith(("no such file", "a path outside the dataset")):
             relpath, reason = _found_by_name(relpath, reason, by_name, real_root)
         split = row[columns["split"]].strip() if "split" in columns else ""
         if reason is None and split and split_named(split) is None:
