@@ -14,7 +14,7 @@ from simple_cnn import images
 from simple_cnn.dataset import AUTO_SIZE_MAX, SPLITS, ImageDataset, load_data, split_of
 from simple_cnn.errors import DataError
 from simple_cnn.images import read_image
-from simple_cnn.sources import ensure_digits_dataset
+from simple_cnn.sources import ensure_digits_dataset, find
 from simple_cnn.splits import Layout
 
 
@@ -113,6 +113,17 @@ def test_split_folders_as_kaggle_archives_unpack_them(tmp_path, caplog):
     ds = ImageDataset.scan(competition)
     assert ds.class_names == ["circle", "square", "triangle"] and len(ds.split("test")) == 6  # drawn from train/
     assert all(r.relpath.startswith("train/") for r in ds.images)
+
+
+def test_a_split_folder_wrapped_in_a_link_to_itself_is_not_followed_round(tmp_path):
+    """train/train -> .. (a link back up, named as the wrapper Kaggle's archives have): not descended into."""
+    root = tmp_path / "ds"
+    make_shapes_dataset(root / "test", per_class=3)
+    (root / "train").mkdir()
+    (root / "train" / "train").symlink_to("..", target_is_directory=True)
+    source = find(root)
+    assert source.class_names == ["circle", "square", "triangle"]
+    assert {c.relpath.split("/")[0] for c in source.candidates} == {"test"}
 
 
 def test_split_folders_without_class_folders_are_refused(tmp_path):

@@ -175,7 +175,7 @@ def _unwrapped(root: Path, folder: str, split: str) -> str:
     """The folder that holds a split's class folders: ``folder``, or the one folder inside it named as the
     same split, as Kaggle's archives unpack (``seg_train/seg_train``, ``training_set/training_set``)."""
     inner = _subfolders(root / folder)
-    while len(inner) == 1 and folder_split(inner[0]) == split:
+    while len(inner) == 1 and folder_split(inner[0]) == split and not (root / folder / inner[0]).is_symlink():  # a loop
         folder = f"{folder}/{inner[0]}"
         inner = _subfolders(root / folder)
     return folder
