@@ -243,6 +243,27 @@ def test_the_label_column_is_found_by_name_or_said(tmp_path, caplog):
     assert table.class_names == sorted(CLASSES) and "its column 'species' is taken as the label" in caplog.text
 
 
+def test_fastais_is_valid_column_is_the_split_and_the_test_split_is_drawn_from_its_train_rows(tmp_path, caplog):
+    """fastai's labels files (fname,labels,is_valid) mark validation rows True and name no test rows: the test
+    split is drawn from the train rows by the usual rule, as from split folders' train/, where test mode used to
+    find no test image at all. A split column without test rows is drawn from the same way."""
+    rows = flat_dataset(tmp_path, per_class=20)
+    flagged = [[p, label, "True" if i % 5 == 0 else "False"] for i, (p, label) in enumerate(rows)]
+    path = write_labels(tmp_path / "train.csv", flagged, header=("fname", "labels", "is_valid"))
+    with caplog.at_level("INFO", logger="simple_cnn.sources"):
+        dataset = ImageDataset.scan(tmp_path, Layout(labels=path))
+    val = {p for p, _, flag in flagged if flag == "True"}
+    assert {r.relpath for r in dataset.split("val")} == val
+    test = dataset.per_class_counts()["test"]
+    assert all(r.relpath not in val for r in dataset.split("test")) and test == {c: 2 for c in CLASSES}  # 15 % of 16
+    assert f"{path} names no test rows: test images drawn from its train rows" in caplog.text
+    worded = [[p, label, {"True": "valid", "False": "Training"}[flag]] for p, label, flag in flagged]
+    again = ImageDataset.scan(
+        tmp_path, Layout(labels=write_labels(tmp_path / "split.csv", worded, header=("path", "label", "split")))
+    )
+    assert [(r.relpath, r.split) for r in again.images] == [(r.relpath, r.split) for r in dataset.images]
+
+
 def test_a_labels_file_not_found_as_given_is_looked_for_in_the_dataset(tmp_path, monkeypatch, caplog):
     """``--labels labels.csv`` with ``--dataset_path /app/datasets/xrays``, run from /app as the Docker image does."""
     root = tmp_path / "xrays"

@@ -44,6 +44,9 @@ LABEL_COLUMNS = ("label", "labels", "class", "classes", "tags", "category", "tar
 # Images of one patient or subject are one unit of the split: across splits, a test score would reward
 # recognising the patient, not the finding.
 GROUP_COLUMNS = ("group", "group_id", "patient_id", "patient", "subject_id", "subject")
+# fastai's labels files mark validation rows in a column is_valid (True or False) rather than a split column.
+SPLIT_COLUMNS = ("split", "is_valid")
+IS_VALID = {"true": "val", "1": "val", "yes": "val", "false": "train", "0": "train", "no": "train"}
 LABEL_SEPARATOR = "|"
 MAX_LABELS_BYTES = 1 << 30  # a million rows of long paths is about 100 MB
 EXAMPLES_KEPT = 20  # skipped rows listed by name; the rest are counted by reason
@@ -118,7 +121,8 @@ def read_labels_file(path, root: Path, multi_label: bool | None = None) -> Label
     one_hot = _one_hot_columns(header, columns, [row for _, row, _ in sample])
     _say_columns(path, header, columns, one_hot)
     by_name = ByName(os.fspath(root))
-    raw = list(_rows(itertools.chain(sample, records), columns, one_hot, root, by_name))
+    flags = "split" in columns and header[columns["split"]].strip().lower() == "is_valid"
+    raw = list(_rows(itertools.chain(sample, records), columns, one_hot, root, by_name, flags))
     for line in by_name.summary(path):
         log.info(line)
     separator = LABEL_SEPARATOR
@@ -185,8 +189,8 @@ def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
         )
     names = [h.strip().lower() for h in header]
     columns = {"path": next((names.index(c) for c in PATH_COLUMNS if c in names), 0)}
-    if "split" in names:
-        columns["split"] = names.index("split")
+    if (split := next((names.index(c) for c in SPLIT_COLUMNS if c in names), None)) is not None:
+        columns["split"] = split
     group = next((names.index(c) for c in GROUP_COLUMNS if c in names), None)
     if group is not None and group not in columns.values() and len(names) - len(columns) > 1:  # one left for the label
         columns["group"] = group
@@ -336,8 +340,9 @@ def _found_by_name(relpath: str, reason: str, by_name: ByName, real_root: Path) 
     return matches[0], _path_problem(matches[0], by_name.folder, real_root)
 
 
-def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root: Path, by_name: ByName):
-    """(line, (relpath, label cell, split, group)) of each row, or the reason it is skipped as the cell."""
+def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root: Path, by_name: ByName, flags: bool):
+    """(line, (relpath, label cell, split, group)) of each row, or the reason it is skipped as the cell.
+    ``flags``: the split column is fastai's is_valid (:data:`IS_VALID`)."""
     width = max([*columns.values(), *(i for i, _ in one_hot)]) + 1
     folder = os.fspath(root)  # strings, not Paths: a labels file may hold a million rows
     real_root = Path(os.path.realpath(folder))
@@ -355,6 +360,7 @@ def _rows(records, columns: dict[str, int], one_hot: list[tuple[int, str]], root
         if reason is not None and reason.startswith(("no such file", "a path outside the dataset")):
             relpath, reason = _found_by_name(relpath, reason, by_name, real_root)
         split = row[columns["split"]].strip() if "split" in columns else ""
+        split = IS_VALID.get(split.lower(), split) if flags else split
         if reason is None and split and split_named(split) is None:
             reason = f"unknown split {printable(split)[:20]!r} (train, val or test)"
         group = row[columns["group"]].strip() if "group" in columns else ""

@@ -73,7 +73,23 @@ def labelled_by(root: Path, labels, multi_label: bool | None) -> Source:
     candidates = [Candidate(r.relpath, tuple(sorted(index[label] for label in r.labels)), r.split, r.group) for r in table.rows]
     if table.skipped.count:
         log.warning(table.skipped.summary())
-    return Source(table.class_names, candidates, labels_file=table)
+    source = Source(table.class_names, candidates, labels_file=table)
+    if table.has_split:
+        _draw_missing_splits(source, table.path)
+    return source
+
+
+def _draw_missing_splits(source: Source, path: Path) -> None:
+    """A split column that names no test rows, or no validation rows (fastai's is_valid names none for test):
+    those splits are drawn from its train rows by the usual rule, as from the train folder of split folders."""
+    named = {c.split for c in source.candidates if c.split}
+    missing = tuple(s for s in HELD_OUT if s not in named)
+    if not missing or "train" not in named:
+        return  # rows with an empty cell are drawn into both, as before
+    source.drawn = missing
+    for candidate in source.candidates:
+        candidate.split = None if candidate.split == "train" else candidate.split
+    log.info(f"{path} names no {' or '.join(source.drawn)} rows: {' and '.join(source.drawn)} images drawn from its train rows")
 
 
 def _labels_path(labels: Path, root: Path) -> Path:
