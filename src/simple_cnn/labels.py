@@ -7,16 +7,17 @@ The layout Kaggle and most published datasets use beside class folders::
     train/0002.jpg,cat|dog,,owner-17
 
 The path column is the first of :data:`PATH_COLUMNS` the header names (else the first
-column), the label column the first of :data:`LABEL_COLUMNS` (else the first column that is
-not the path, split or group, unless the columns are one-hot: :func:`_one_hot_columns`). A path cell that names no file is
-looked for by name, or by its end (:class:`ByName`). An
-optional ``split`` column (``train``, ``val`` or ``test``: ``splits.SPLIT_WORDS``) is followed as given; an
-optional ``group`` column keeps images together in one split (``splits.py``). Several
-labels per image: a ``|``-separated cell, or, with ``--multi_label``, several rows for
-one path. The file is read with Python's ``csv`` module (quoted fields, commas inside
-quotes, Windows line ends), separated by commas, or by the semicolons or tabs its header
-line holds; UTF-8 (a byte-order mark is dropped) or UTF-16 with its byte-order mark. Rows
-that cannot be used are skipped and counted with their reasons, like unreadable images.
+column), the label column the first of :data:`LABEL_COLUMNS` (else the first column that
+is not the path, split or group, unless the columns are one-hot: :func:`_one_hot_columns`).
+A path cell that names no file is looked for by name, or by its end (:class:`ByName`). An
+optional ``split`` column (``train``, ``val`` or ``test``: ``splits.SPLIT_WORDS``; or
+fastai's ``is_valid``) is followed as given; an optional ``group`` column keeps images
+together in one split (``splits.py``). Several labels per image: a ``|``-separated cell,
+or, with ``--multi_label``, several rows for one path. The file is read with Python's
+``csv`` module (quoted fields, commas inside quotes, Windows line ends), separated by
+commas, or by the semicolons or tabs its header line holds; UTF-8 (a byte-order mark is
+dropped) or UTF-16 with its byte-order mark. Rows that cannot be used are skipped and
+counted with their reasons, like unreadable images.
 """
 
 from __future__ import annotations
