@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, bomb_png, make_shapes_dataset, run_cli, shape_image
+from conftest import CLASSES, assert_one_line_error, bomb_png, make_shapes_dataset, run_cli, shape_image
 from simple_cnn import images
 from simple_cnn.dataset import AUTO_SIZE_MAX, SPLITS, ImageDataset, load_data, split_of
 from simple_cnn.errors import DataError
@@ -113,6 +113,28 @@ def test_split_folders_as_kaggle_archives_unpack_them(tmp_path, caplog):
     ds = ImageDataset.scan(competition)
     assert ds.class_names == ["circle", "square", "triangle"] and len(ds.split("test")) == 6  # drawn from train/
     assert all(r.relpath.startswith("train/") for r in ds.images)
+
+
+def test_split_folders_inside_the_class_folders_are_followed(tmp_path, caplog):
+    """cat/train/, cat/test/, dog/train/, dog/test/: the split inside the classes, where each class's images used
+    to be pooled and split by the rule, the given test images mixed into training."""
+    root = tmp_path / "ds"
+    for split, per_class, seed in (("train", 12, 1), ("test", 4, 2)):
+        make_shapes_dataset(tmp_path / split, per_class=per_class, seed=seed)
+        for cls in CLASSES:
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            (tmp_path / split / cls).rename(root / cls / split)
+    with caplog.at_level("INFO", logger="simple_cnn.sources"):
+        ds = ImageDataset.scan(root)
+    assert ds.class_names == list(CLASSES) and all(ds.class_names[r.label] == r.relpath.split("/")[0] for r in ds.images)
+    assert {r.relpath.split("/")[1] for r in ds.split("test")} == {"test"} and len(ds.split("test")) == 12
+    assert {r.relpath.split("/")[1] for r in ds.split("train") + ds.split("val")} == {"train"}
+    assert f"the class folders of {root} hold split folders (test, train): followed; val images drawn" in caplog.text
+    shape_image("circle", np.random.default_rng(9)).save(root / "circle" / "loose.png")  # an image beside them
+    caplog.clear()
+    with caplog.at_level("INFO", logger="simple_cnn.sources"):
+        ds = ImageDataset.scan(root)  # not that layout: every image of a class, split by the rule
+    assert "hold split folders" not in caplog.text and "circle/loose.png" in {r.relpath for r in ds.images}
 
 
 def test_a_split_folder_wrapped_in_a_link_to_itself_is_not_followed_round(tmp_path):

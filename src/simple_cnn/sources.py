@@ -21,9 +21,9 @@ from PIL import Image
 
 from .errors import DataError, printable
 from .files import atomic_dir, ensure_writable_dir
-from .images import ignored_line, image_files, is_hidden
+from .images import IMAGE_SUFFIXES, ignored_line, image_files, is_hidden
 from .labels import LabelsFile, read_labels_file
-from .splits import HELD_OUT, UNLABELLED, folder_split
+from .splits import HELD_OUT, SPLITS, UNLABELLED, folder_split
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,20 @@ def names_alike(source: Source, where) -> list[str]:
 def class_folders(root: Path) -> Source:
     """Each sub-folder of ``root`` is a class; images in its nested folders belong to it too.
     Links that lead outside the dataset (a class folder or an image) are not followed.
-    Split folders of class folders instead (:func:`split_folders`): their splits are followed."""
+    Split folders of class folders instead (:func:`split_folders`), or class folders of split folders
+    (:func:`_split_folders_inside`): their splits are followed."""
     if given := split_folders(root):
         return _split_layout(root, given)
     source, ignored = Source(_class_folder_names(root), []), Counter()
+    within = _split_folders_inside(root, source.class_names)
     for label, name in enumerate(source.class_names):
-        _add_images(source, root, root / name, label, ignored)
+        for folder, split in within.get(name, {"": "train"}).items():
+            _add_images(source, root, root / name / folder, label, ignored, None if split == "train" else split)
+    if within:
+        given = {split for folders in within.values() for split in folders.values()}
+        source.drawn = tuple(s for s in HELD_OUT if s not in given)
+        drawn = f"; {' and '.join(source.drawn)} images drawn from their train folders" if source.drawn else ""
+        log.info(f"the class folders of {root} hold split folders ({', '.join(sorted(given))}): followed{drawn}")
     if ignored:
         log.warning(ignored_line(ignored, root))
     if named := [name for name in source.class_names if folder_split(name)]:
@@ -139,6 +147,24 @@ def class_folders(root: Path) -> Source:
             "if they hold no class of their own, move them out of the dataset folder"
         )
     return source
+
+
+def _split_folders_inside(root: Path, class_names: list[str]) -> dict[str, dict[str, str]]:
+    """{class: {folder: split}} where every class folder holds split folders alone (``cat/train/``,
+    ``cat/test/``: the split inside the classes), each with a train folder and no image beside them; else {}."""
+    found = {}
+    for name in class_names:
+        try:
+            entries = list(os.scandir(root / name))
+        except OSError:
+            return {}
+        folders = {e.name: folder_split(e.name) for e in entries if e.is_dir() and not is_hidden(e.name)}
+        images = [e for e in entries if e.is_file() and not is_hidden(e.name) and Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
+        splits = list(folders.values())
+        if images or "train" not in splits or not set(splits) <= set(SPLITS) or len(set(splits)) < len(splits):
+            return {}
+        found[name] = folders
+    return found
 
 
 def split_folders(root: Path) -> dict[str, str]:
