@@ -154,12 +154,12 @@ def _split_folders_inside(root: Path, class_names: list[str]) -> dict[str, dict[
     ``cat/test/``: the split inside the classes), each with a train folder and no image beside them; else {}."""
     found = {}
     for name in class_names:
-        try:
-            entries = list(os.scandir(root / name))
+        try:  # is_dir() follows links, and a link that loops raises: then this is not that layout
+            entries = [(e.name, e.is_dir()) for e in os.scandir(root / name) if not is_hidden(e.name)]
         except OSError:
             return {}
-        folders = {e.name: folder_split(e.name) for e in entries if e.is_dir() and not is_hidden(e.name)}
-        images = [e for e in entries if e.is_file() and not is_hidden(e.name) and Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
+        folders = {entry: folder_split(entry) for entry, folder in entries if folder}
+        images = [entry for entry, folder in entries if not folder and Path(entry).suffix.lower() in IMAGE_SUFFIXES]
         splits = list(folders.values())
         if images or "train" not in splits or not set(splits) <= set(SPLITS) or len(set(splits)) < len(splits):
             return {}
