@@ -23,7 +23,7 @@ from .errors import DataError, printable
 from .files import atomic_dir, ensure_writable_dir
 from .images import IMAGE_SUFFIXES, ignored_line, image_files, is_hidden
 from .labels import LabelsFile, read_labels_file
-from .splits import HELD_OUT, SPLITS, UNLABELLED, folder_split
+from .splits import HELD_OUT, SPLITS, UNLABELLED, drawn_besides, folder_split
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _draw_missing_splits(source: Source, path: Path) -> None:
     """A split column that names no test rows, or no validation rows (fastai's is_valid names none for test):
     those splits are drawn from its train rows by the usual rule, as from the train folder of split folders."""
     named = {c.split for c in source.candidates if c.split}
-    missing = tuple(s for s in HELD_OUT if s not in named)
+    missing = drawn_besides(named)
     if not missing or "train" not in named:
         return  # rows with an empty cell are drawn into both, as before
     source.drawn = missing
@@ -135,7 +135,7 @@ def class_folders(root: Path) -> Source:
             _add_images(source, root, root / name / folder, label, ignored, None if split == "train" else split)
     if within:
         given = {split for folders in within.values() for split in folders.values()}
-        source.drawn = tuple(s for s in HELD_OUT if s not in given)
+        source.drawn = drawn_besides(given)
         drawn = f"; {' and '.join(source.drawn)} images drawn from their train folders" if source.drawn else ""
         log.info(f"the class folders of {root} hold split folders ({', '.join(sorted(given))}): followed{drawn}")
     if ignored:
@@ -203,8 +203,8 @@ def _split_layout(root: Path, given: dict[str, str]) -> Source:
     names = sorted(set().union(*classes.values()))
     if len(names) < 2:
         raise DataError(f"the split folders of {root} ({', '.join(sorted(given))}) need at least two class folders in all")
-    log.info(_split_layout_line(root, given, unlabelled))
-    source, ignored = Source(names, [], drawn=tuple(s for s in HELD_OUT if s not in given.values())), Counter()
+    source, ignored = Source(names, [], drawn=drawn_besides(given.values())), Counter()
+    log.info(_split_layout_line(root, given, source.drawn, unlabelled))
     for folder, split in sorted(given.items()):
         for name in classes[folder]:
             _add_images(source, root, root / folder / name, names.index(name), ignored, None if split == "train" else split)
@@ -223,12 +223,11 @@ def _unwrapped(root: Path, folder: str, split: str) -> str:
     return folder
 
 
-def _split_layout_line(root: Path, given: dict[str, str], unlabelled: list[str]) -> str:
+def _split_layout_line(root: Path, given: dict[str, str], drawn: tuple[str, ...], unlabelled: list[str]) -> str:
     """What the output says of a split layout: the folders followed, the splits drawn from train and the
     flags that no longer apply, and the folders of unlabelled images left out."""
     train = next(folder for folder, split in given.items() if split == "train")
     held_out = [(folder, split) for folder, split in sorted(given.items()) if split != "train"]
-    drawn = [s for s in HELD_OUT if s not in given.values()]
     return "; ".join(
         [f"{root} holds the split folder{'s' * (len(given) > 1)} {', '.join(map(printable, sorted(given)))}: followed"]
         + [f"{split} images from {printable(folder)}/ (so --{split}_split is not used)" for folder, split in held_out]

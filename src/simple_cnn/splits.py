@@ -85,6 +85,11 @@ class Layout:
         return {k: v for k, v in asdict(self).items() if k in ("split_method", "group_by")}
 
 
+def drawn_besides(given) -> tuple[str, ...]:
+    """The held-out splits the rule draws when a dataset's folders or split column give the splits ``given``."""
+    return tuple(s for s in HELD_OUT if s not in given)
+
+
 def split_named(word: str) -> str | None:
     """The split a labels file's split cell names (``Training`` is train), or None."""
     return SPLIT_WORDS.get(word.strip().lower())
